@@ -1,0 +1,99 @@
+"""Model specs and training recipes.
+
+- ``model_registry(name, flavor)``: ``dblocks_llama`` (DiffusionBlocks) or ``llama3`` (its titan
+  end-to-end twin: titan's own Llama3Model of the same shape).
+- ``recipe(name, flavor)``: the base ``Trainer.Config`` for that model; a TOML file in
+  ``train_configs/`` is applied on top of it (:mod:`dblocks_titan.toml_config`).
+- Zero-argument config functions (``debug_dblocks``, ``owt_dblocks``, ``owt_llama_baseline``, …)
+  for titan's native ``--module dblocks_titan --config <fn>``: each loads the TOML file of the
+  same name, so the TOML files are the single source of every shipped run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.components.validate import Validator
+from torchtitan.config import ParallelismConfig, TrainingConfig
+from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.trainer import Trainer
+
+from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
+from dblocks_titan.models import dblocks_llama
+from dblocks_titan.parallelize import parallelize_dblocks
+from dblocks_titan.trainer import DBlocksTrainer
+
+ASSETS = Path(__file__).parent / "assets"
+TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
+MODELS = ("dblocks_llama", "llama3")
+
+
+def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> ModelSpec:
+    if name == "dblocks_llama":
+        model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+    elif name == "llama3":
+        model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+    else:
+        raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
+    return ModelSpec(
+        name=name,
+        flavor=flavor,
+        model=model,
+        parallelize_fn=parallelize_dblocks,
+        pipelining_fn=None,
+        post_optimizer_build_fn=None,
+        state_dict_adapter=None,
+    )
+
+
+def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwargs) -> Trainer.Config:
+    """Settings shared by a DiffusionBlocks run and its e2e twin (same data, tokenizer, optimizer)."""
+    model_spec = model_registry(name, flavor, **model_kwargs)
+    common = dict(
+        model_spec=model_spec,
+        hf_assets_path=str(ASSETS / "tokenizer"),
+        tokenizer=HuggingFaceTokenizer.Config(),
+        optimizer=default_adamw(lr=1e-3),
+        lr_scheduler=LRSchedulersContainer.Config(warmup_steps=20, decay_ratio=0.8, decay_type="cosine", min_lr_factor=0.1),
+        training=TrainingConfig(local_batch_size=8, seq_len=128, steps=200, disable_cuda_graphs=True),
+        dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare"),
+        validator=Validator.Config(
+            enable=True, freq=50, steps=1,
+            dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare_validation", infinite=False),
+        ),
+        metrics=MetricsProcessor.Config(log_freq=10),
+        parallelism=ParallelismConfig(spmd_backend=compat.default_spmd_backend()),
+        checkpoint=CheckpointManager.Config(interval=500, last_save_model_only=False),
+        activation_checkpoint=None,
+    )
+    if name == "dblocks_llama":
+        return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
+    return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+
+
+def from_train_config(name: str) -> Trainer.Config:
+    from dblocks_titan.toml_config import load_toml
+
+    return load_toml(TRAIN_CONFIGS / f"{name}.toml")
+
+
+def debug_dblocks() -> Trainer.Config:
+    return from_train_config("debug_dblocks")
+
+
+def debug_llama_baseline() -> Trainer.Config:
+    return from_train_config("debug_llama_baseline")
+
+
+def owt_dblocks() -> Trainer.Config:
+    return from_train_config("owt_dblocks")
+
+
+def owt_llama_baseline() -> Trainer.Config:
+    return from_train_config("owt_llama_baseline")

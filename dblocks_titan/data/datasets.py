@@ -1,0 +1,152 @@
+"""Text datasets added to torchtitan's ``DATASETS`` registry, for its own ``HuggingFaceTextDataLoader``.
+
+Name (``--dataloader.dataset``) and what ``--dataloader.dataset_path`` means:
+
+- ``shakespeare`` / ``shakespeare_validation``: the embedded corpus (49 public-domain works of Shakespeare and
+  Milton, see ``assets/README.md``), or another JSONL of ``{"title", "text"}`` works. Split by work:
+  validation is the works named in :data:`SHAKESPEARE_VALIDATION_TITLES` (~5% of characters), train the rest.
+- ``owt`` / ``owt_validation``: OpenWebText-like JSONL, one ``{"text": ...}`` document per line (required).
+  Validation is the **last** ``min(OWT_VALIDATION_MAX_DOCS, max(1, int(OWT_VALIDATION_FRACTION * n)))``
+  of the n documents (files in sorted order), train the n minus those.
+- ``lm1b`` / ``lm1b_validation``: LM1B-style plain text, one sentence (= one document) per line (required).
+  A directory is the LM1B release root and uses its own split (:data:`LM1B_SPLIT_GLOBS`); a file or glob
+  holds out its last :data:`LM1B_VALIDATION_FRACTION` of sentences for validation.
+
+Every path may be local, a glob or an fsspec URL (``file://``, ``https://``, ``s3://`` with s3fs installed);
+``.gz``/``.xz``/``.bz2`` (and ``.zst`` with ``zstandard`` installed) are decompressed by suffix. Files are
+read once into an Arrow cache (``datasets.Dataset.from_generator``, keyed by the files' path, size and
+mtime/ETag), so every dataset is map-style and memory-mapped: titan checkpoints its ``sample_idx``, splits
+it across data-parallel ranks with contiguous shards, and a corpus larger than RAM still loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from datasets import Dataset
+from torchtitan.hf_datasets import DatasetConfig
+from torchtitan.hf_datasets.text_datasets import DATASETS
+
+SHAKESPEARE_PATH = str(Path(__file__).resolve().parents[1] / "assets/corpus/shakespeare_milton.jsonl.xz")
+"""The embedded corpus: one ``{"title", "author", "text"}`` record per work (built by scripts/make_corpus.py)."""
+
+SHAKESPEARE_VALIDATION_TITLES = ("Macbeth", "Twelfth Night", "Areopagitica")
+"""Held-out works: a tragedy, a comedy and Milton's prose (4.9% of characters). Areopagitica is the one
+Milton work that no other file repeats (Comus, Lycidas and the minor poems appear in several)."""
+
+OWT_VALIDATION_FRACTION = 0.01
+OWT_VALIDATION_MAX_DOCS = 5_000
+"""``owt_validation`` = the last min(5000, 1%) documents (nanoGPT holds out a similar ~4k of OpenWebText)."""
+
+LM1B_SPLIT_GLOBS = {
+    "train": "training-monolingual.tokenized.shuffled/news.en-000??-of-00100",
+    "validation": "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050",
+}
+"""Files of each split under an LM1B release root (1-billion-word-language-modeling-benchmark-r13output):
+the 99 training shards, and the first held-out shard, the benchmark's usual test set."""
+
+LM1B_VALIDATION_FRACTION = 0.01
+"""A single file (or a glob) given as the LM1B path holds out its last 1% of sentences."""
+
+_FLAG = "--dataloader.dataset_path (--validator.dataloader.dataset_path for validation)"
+
+
+def _open_files(urlpath: str, dataset: str) -> list[fsspec.core.OpenFile]:
+    """The files a path, glob or URL names, in sorted order, opened lazily as UTF-8 text."""
+    fs, path = fsspec.core.url_to_fs(urlpath)
+    paths = sorted(p for p in fs.glob(path) if fs.isfile(p))  # a plain path globs to itself if it exists
+    if not paths:
+        raise FileNotFoundError(f"dataset {dataset!r}: no file at {urlpath!r}; point {_FLAG} at an existing file")
+    if any(p.endswith(".zst") for p in paths) and "zstd" not in fsspec.available_compressions():
+        raise ImportError(f"dataset {dataset!r}: reading {urlpath!r} needs `pip install zstandard`")
+    return [fsspec.core.OpenFile(fs, p, "rt", compression="infer", encoding="utf-8") for p in paths]
+
+
+def iter_lines(urlpath: str, dataset: str) -> Iterator[str]:
+    """Every non-blank line (without its newline) of the files at ``urlpath``; the one reader of this module."""
+    for f in _open_files(urlpath, dataset):
+        with f as lines:
+            yield from (line.rstrip("\r\n") for line in lines if line.strip())
+
+
+def _records(urlpath: str, dataset: str, parse: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    yield from map(parse, iter_lines(urlpath, dataset))
+
+
+def _owt_record(line: str) -> dict[str, str]:
+    return {"text": json.loads(line)["text"]}
+
+
+def _lm1b_record(line: str) -> dict[str, str]:
+    return {"text": line}
+
+
+def _arrow(urlpath: str, dataset: str, parse: Callable[[str], dict[str, Any]]) -> Dataset:
+    """All records of ``urlpath`` as a map-style Dataset, cached on disk until a file changes."""
+    keys = [f"{f.path}:{f.fs.ukey(f.path)}" for f in _open_files(urlpath, dataset)]
+    fingerprint = hashlib.sha256("\n".join([parse.__name__, *keys]).encode()).hexdigest()[:32]
+    kwargs = {"urlpath": urlpath, "dataset": dataset, "parse": parse}
+    return Dataset.from_generator(_records, gen_kwargs=kwargs, fingerprint=fingerprint)
+
+
+def _tail_split(ds: Dataset, split: str, fraction: float, max_docs: int | None, dataset: str) -> Dataset:
+    """Validation = the last ``min(max_docs, max(1, int(fraction * n)))`` rows, train = the rows before them."""
+    n = len(ds)
+    if n < 2:
+        raise ValueError(f"dataset {dataset!r} has {n} document(s); a train/validation split needs at least 2")
+    n_val = min(max_docs or n, max(1, int(fraction * n)))
+    return ds.select(range(n - n_val, n) if split == "validation" else range(n - n_val))
+
+
+def _require(path: str, dataset: str, expected: str) -> None:
+    if not path:
+        raise ValueError(f"dataset {dataset!r} needs --dataloader.dataset_path pointing at {expected}")
+
+
+def load_shakespeare(path: str, split: str) -> Dataset:
+    """Works whose title is (validation) or is not (train) in SHAKESPEARE_VALIDATION_TITLES."""
+    name = "shakespeare" if split == "train" else "shakespeare_validation"
+    ds = _arrow(path, name, json.loads)
+    is_val = [title in SHAKESPEARE_VALIDATION_TITLES for title in ds["title"]]
+    if not any(is_val):
+        raise ValueError(f"{path!r} holds none of the validation works {SHAKESPEARE_VALIDATION_TITLES}")
+    return ds.select([i for i, v in enumerate(is_val) if v == (split == "validation")])
+
+
+def load_owt(path: str, split: str) -> Dataset:
+    name = "owt" if split == "train" else "owt_validation"
+    _require(path, name, 'a JSONL file, glob or URL of {"text": ...} documents (.gz/.xz/.zst ok)')
+    ds = _arrow(path, name, _owt_record)
+    return _tail_split(ds, split, OWT_VALIDATION_FRACTION, OWT_VALIDATION_MAX_DOCS, name)
+
+
+def load_lm1b(path: str, split: str) -> Dataset:
+    name = "lm1b" if split == "train" else "lm1b_validation"
+    _require(path, name, "the LM1B release directory, or a text file or glob with one sentence per line")
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.isdir(root):
+        return _arrow(f"{path.rstrip('/')}/{LM1B_SPLIT_GLOBS[split]}", name, _lm1b_record)
+    return _tail_split(_arrow(path, name, _lm1b_record), split, LM1B_VALIDATION_FRACTION, None, name)
+
+
+def _text(sample: dict[str, Any]) -> str:
+    return sample["text"]
+
+
+def register_datasets() -> None:
+    """Add (or re-add: idempotent) the six datasets above to torchtitan's DATASETS registry."""
+    for name, loader, default_path in [
+        ("shakespeare", load_shakespeare, SHAKESPEARE_PATH),
+        ("owt", load_owt, ""),
+        ("lm1b", load_lm1b, ""),
+    ]:
+        for suffix, split in [("", "train"), ("_validation", "validation")]:
+            DATASETS[name + suffix] = DatasetConfig(
+                path=default_path, loader=partial(loader, split=split), sample_processor=_text
+            )

@@ -1,0 +1,160 @@
+"""``--job.config_file X.toml`` on top of torchtitan 0.3.0's Python config registry.
+
+A TOML file is applied onto a base recipe (``config_registry.recipe``):
+
+1. ``[model] name, flavor, attn_backend, vocab_size`` pick the recipe (DiffusionBlocks trainer
+   for ``dblocks_llama``, titan's Trainer for its ``llama3`` twin);
+2. ``[job] dump_folder, description`` → ``dump_folder`` (description is only logged);
+3. ``[tokenizer] type = "hf" | "tiktoken" | "sentencepiece", path`` → the tokenizer
+   (``hf``: a folder with ``tokenizer.json``; the others: a ``.tiktoken`` / ``.model`` file);
+4. ``[optimizer] name, lr, weight_decay, betas, eps`` → every param group of titan's optimizer;
+5. ``[activation_checkpoint] type = "none" | "selective" | "full"`` (+ that policy's fields);
+6. every other table maps onto the ``Trainer.Config`` tree field by field (nested tables for
+   nested configs, e.g. ``[validator.dataloader]``).
+
+An unknown section or key raises ``ValueError`` naming the key and the file. CLI flags after
+the file are parsed by titan's tyro parser with the TOML result as defaults, so they win.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from torchtitan.components.tokenizer import HuggingFaceTokenizer
+from torchtitan.config.manager import ConfigManager
+from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+
+from dblocks_titan.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+AC_TYPES = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
+MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size"}
+OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
+
+
+class TomlError(ValueError):
+    pass
+
+
+def load_toml(path: str | Path):
+    """Read ``path`` and build the ``Trainer.Config`` it describes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise TomlError(f"{path}: invalid TOML: {e}") from None
+    return build_config(table, str(path))
+
+
+def build_config(table: dict[str, Any], where: str):
+    from dblocks_titan.config_registry import recipe
+
+    table = dict(table)
+    model = table.pop("model", {})
+    _check_keys(model, MODEL_KEYS, "model", where)
+    config = recipe(model.get("name", "dblocks_llama"), model.get("flavor", "debugmodel"),
+                    **{k: model[k] for k in ("attn_backend", "vocab_size") if k in model})
+
+    job = table.pop("job", {})
+    _check_keys(job, {"dump_folder", "description"}, "job", where)
+    config.dump_folder = job.get("dump_folder", config.dump_folder)
+
+    if "tokenizer" in table:
+        _apply_tokenizer(config, table.pop("tokenizer"), where)
+    if "optimizer" in table:
+        _apply_optimizer(config, table.pop("optimizer"), where)
+    if "activation_checkpoint" in table:
+        ac = dict(table.pop("activation_checkpoint"))
+        kind = ac.pop("type", "selective")
+        if kind not in AC_TYPES:
+            raise TomlError(f"{where}: activation_checkpoint.type must be one of {sorted(AC_TYPES)}, got {kind!r}")
+        config.activation_checkpoint = None if AC_TYPES[kind] is None else _apply(AC_TYPES[kind](), ac, "activation_checkpoint", where)
+    return _apply(config, table, "", where)
+
+
+def _check_keys(table: dict, allowed: set[str], section: str, where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise TomlError(f"{where}: unknown key '{section}.{key}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _apply(obj: Any, table: dict[str, Any], prefix: str, where: str) -> Any:
+    """Set each key of ``table`` on dataclass ``obj`` (recursing into tables); return ``obj``
+    (a new instance when ``obj`` is a frozen dataclass)."""
+    fields = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if key not in fields or key == "model_spec":
+            raise TomlError(f"{where}: unknown key '{name}'")
+        current = getattr(obj, key)
+        if isinstance(value, dict):
+            if not dataclasses.is_dataclass(current):
+                raise TomlError(f"{where}: '{name}' is a value, not a section")
+            value = _apply(current, value, f"{name}.", where)
+        elif dataclasses.is_dataclass(current):
+            raise TomlError(f"{where}: '{name}' is a section; write it as [{name}]")
+        elif isinstance(current, bool) != isinstance(value, bool) and current is not None:
+            raise TomlError(f"{where}: '{name}' expects {type(current).__name__}, got {value!r}")
+        changes[key] = tuple(value) if isinstance(current, tuple) else value
+    if obj.__dataclass_params__.frozen:
+        return dataclasses.replace(obj, **changes)
+    for key, value in changes.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def _apply_tokenizer(config, table: dict[str, Any], where: str) -> None:
+    _check_keys(table, {"type", "path"}, "tokenizer", where)
+    kind, path = table.get("type", "hf"), table.get("path")
+    if kind == "hf":
+        config.tokenizer = HuggingFaceTokenizer.Config()
+        if path is not None:
+            config.hf_assets_path = path
+    elif kind == "tiktoken":
+        config.tokenizer = TiktokenTokenizer.Config(path=path)
+    elif kind == "sentencepiece":
+        config.tokenizer = SentencePieceTokenizer.Config(path=path)
+    else:
+        raise TomlError(f"{where}: tokenizer.type must be 'hf', 'tiktoken' or 'sentencepiece', got {kind!r}")
+
+
+def _apply_optimizer(config, table: dict[str, Any], where: str) -> None:
+    _check_keys(table, OPTIMIZER_KEYS | {"name"}, "optimizer", where)
+    for group in config.optimizer.param_groups:
+        if "name" in table:
+            group.optimizer_name = table["name"]
+        group.optimizer_kwargs.update({k: tuple(v) if k == "betas" else v for k, v in table.items() if k != "name"})
+
+
+class TomlConfigManager(ConfigManager):
+    """titan's ConfigManager, plus ``--job.config_file X.toml`` as the source of defaults."""
+
+    def _load_config(self, args: list[str]):
+        rest, config_file = [], None
+        it = iter(args)
+        for arg in it:
+            if arg == "--job.config_file":
+                config_file = next(it, None)
+            elif arg.startswith("--job.config_file="):
+                config_file = arg.split("=", 1)[1]
+            else:
+                rest.append(arg)
+        if config_file is None:
+            return super()._load_config(args)
+        return load_toml(config_file), rest
+
+    def _validate_config(self) -> None:
+        validate = getattr(self.config, "validate_dblocks", None)
+        if validate is not None:
+            validate()
+        super()._validate_config()

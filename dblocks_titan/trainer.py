@@ -1,0 +1,187 @@
+"""DBlocksTrainer: torchtitan's Trainer, training ONE block per optimizer step.
+
+What it overrides, and nothing else:
+- ``train_step``: picks the step's block from the :class:`BlockSchedule` (same on every rank
+  and micro-batch), then runs titan's step (gradient accumulation, clipping, optimizer, LR,
+  logging, non-finite check); afterwards logs the block, its CE and a per-block running CE.
+- ``_forward_backward_body``: corrupts the micro-batch for that block, runs only its layers,
+  backpropagates the weighted loss and returns the unweighted CE for titan's loss log.
+- ``state_dict``/``load_state_dict``: add the schedule's generator and the running losses.
+
+Inactive blocks never run, so their ``.grad`` stays ``None`` (titan zeroes grads with
+``set_to_none`` when CUDA graphs are off, which DiffusionBlocks requires) and AdamW neither
+moves nor decays them. Validation is titan's Validator: calling the model without σ is
+next-token prediction at σ_max through block 0 (see ``DBlocksLlama.forward``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
+from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
+from dblocks_titan.models.dblocks_llama import check_num_blocks
+from dblocks_titan.objectives import ar_corrupt, ar_loss
+
+
+@dataclass(kw_only=True, slots=True)
+class DBlocksConfig:
+    num_blocks: int = 4
+    """B: the model's layers are cut into B blocks of n_layers/B layers."""
+    gamma: float = 0.1
+    """Overlap γ: block range [lo, hi] trains on [lo/a, hi·a], a = (hi/lo)^γ."""
+    weighting: Weighting = "batch_mean"
+    """Loss weighting: none | per_sample (paper Eq. 6) | batch_mean (authors' code)."""
+    block_schedule: ScheduleKind = "random"
+    """random (paper) | round_robin | sequential."""
+    seed: int = 0
+    """Seed of the block schedule (same on every rank) and of the noise (offset per rank)."""
+    running_loss_decay: float = 0.9
+    """EMA decay of the per-block running CE that is logged."""
+    edm: EDMConfig = field(default_factory=EDMConfig)
+
+    def __post_init__(self):
+        if self.num_blocks < 1:
+            raise ValueError(f"dblocks.num_blocks must be >= 1, got {self.num_blocks}.")
+        if not 0 <= self.gamma < 1:
+            raise ValueError(f"dblocks.gamma must be in [0, 1), got {self.gamma}.")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"dblocks.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
+        if not 0 <= self.running_loss_decay < 1:
+            raise ValueError(f"dblocks.running_loss_decay must be in [0, 1), got {self.running_loss_decay}.")
+
+
+class DBlocksTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
+
+        def __post_init__(self):
+            Trainer.Config.__post_init__(self)
+            self.validate_dblocks()
+
+        def validate_dblocks(self) -> None:
+            """Checks that need the whole tree; run again after TOML/CLI edits."""
+            if not self.training.disable_cuda_graphs:
+                raise ValueError(
+                    "DiffusionBlocks changes the active block every step and needs inactive grads to stay "
+                    "None: set --training.disable_cuda_graphs (or training.disable_cuda_graphs = true)."
+                )
+            if self.model_spec is not None:
+                check_num_blocks(len(self.model_spec.model.layers), self.dblocks.num_blocks)
+
+    config: Config
+
+    def __init__(self, config: Config):
+        config.validate_dblocks()
+        super().__init__(config)
+        model_vocab = self.model_config.vocab_size
+        if self.tokenizer.get_vocab_size() > model_vocab:
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                f"{model_vocab}: set [model] vocab_size to at least the tokenizer's."
+            )
+        db = config.dblocks
+        self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
+            num_blocks=db.num_blocks, total_steps=config.training.steps
+        )
+        self.block = 0
+        self.running_ce: dict[int, float] = {}
+        self.first_ce: dict[int, float] = {}
+        self._step_ce = torch.zeros((), device=self.device)
+        self._microbatch = 0
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self._rank = rank
+        trace_dir = os.path.join(config.dump_folder, "dblocks_trace")
+        os.makedirs(trace_dir, exist_ok=True)
+        self._trace_path = os.path.join(trace_dir, f"rank{rank}.jsonl")
+
+    # -- one optimizer step ----------------------------------------------------------------
+
+    def train_step(self, data_iterator):
+        self.block = self.schedule.next()
+        self._step_ce.zero_()
+        self._microbatch = 0
+        super().train_step(data_iterator)
+        self._log_block_step()
+
+    def _noise_generator(self) -> torch.Generator:
+        """Noise for (seed, step, rank, micro-batch): reproducible on resume without saved state."""
+        seed = hash((self.config.dblocks.seed, self.step, self._rank, self._microbatch)) % (2**63)
+        self._microbatch += 1
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _forward_backward_body(self, inputs, labels, global_valid_tokens, extra_kwargs):
+        db = self.config.dblocks
+        corruption = ar_corrupt(
+            labels, block=self.block, num_blocks=db.num_blocks, gamma=db.gamma, dim=self.model_config.dim,
+            edm=db.edm, generator=self._noise_generator(),
+        )
+        with self.train_context():
+            logits = self.model_parts[0](
+                inputs, **extra_kwargs, labels=labels, sigma=corruption.sigma, noise=corruption.noise,
+                block=self.block,
+            )
+            loss, ce = ar_loss(
+                logits, labels, corruption.sigma, weighting=db.weighting, edm=db.edm,
+                global_valid_tokens=global_valid_tokens,
+            )
+            del logits
+            loss.backward()
+        self._step_ce += ce
+        return ce
+
+    # -- per-block logging -----------------------------------------------------------------
+
+    def _log_block_step(self) -> None:
+        ce = self._step_ce
+        if self.parallel_dims.dp_cp_enabled:
+            ce = dist_utils.dist_sum(ce, self.parallel_dims.get_optional_mesh("loss"))
+        ce = float(ce)
+        if not math.isfinite(ce):
+            raise RuntimeError(f"Loss is not finite (ce={ce}) at step {self.step}, block {self.block}. Stopping training.")
+        b, decay = self.block, self.config.dblocks.running_loss_decay
+        self.first_ce.setdefault(b, ce)
+        self.running_ce[b] = ce if b not in self.running_ce else decay * self.running_ce[b] + (1 - decay) * ce
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps({"step": self.step, "block": b, "ce": ce}) + "\n")
+        if not self.metrics_processor.should_log(self.step):
+            return
+        metrics = {"dblocks/block": b, "dblocks/ce": ce}
+        metrics.update({f"dblocks/running_ce_block{k}": v for k, v in sorted(self.running_ce.items())})
+        self.metrics_processor.logger.log(metrics, self.step)
+        running = "  ".join(f"b{k}={v:.3f}" for k, v in sorted(self.running_ce.items()))
+        logger.info(f"step: {self.step:2}  block: {b}  ce: {ce:.4f}  running ce per block: {running}")
+
+    def train(self):
+        super().train()
+        for b in sorted(self.running_ce):
+            logger.info(
+                f"dblocks summary: block {b}: first ce {self.first_ce[b]:.4f} -> running ce {self.running_ce[b]:.4f}"
+            )
+
+    # -- checkpointed state ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "block_schedule": self.schedule.state_dict(),
+            "running_ce": dict(self.running_ce),
+            "first_ce": dict(self.first_ce),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]):
+        super().load_state_dict(state_dict)
+        self.schedule.load_state_dict(state_dict["block_schedule"])
+        self.running_ce = {int(k): float(v) for k, v in state_dict.get("running_ce", {}).items()}
+        self.first_ce = {int(k): float(v) for k, v in state_dict.get("first_ce", {}).items()}

@@ -1,0 +1,155 @@
+"""The AR DiffusionBlocks decoder: mask, layout, zero-init, block-local forward."""
+
+import pytest
+import torch
+
+import dblocks_titan  # noqa: F401
+from dblocks_titan.diffusion import EDMConfig
+from dblocks_titan.models.dblocks_llama import (
+    check_num_blocks,
+    dblocks_mask_mod,
+    dense_mask,
+    document_ids,
+    flavor_config,
+)
+
+VOCAB, DIM = 4096, 128
+
+
+def build(num_blocks=4, seed=0, randomize_zero_init=False):
+    config = flavor_config("debugmodel", attn_backend="sdpa")
+    config.num_blocks = num_blocks
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights()
+        if randomize_zero_init:  # give adaLN / head real weights so every path is exercised
+            for name, p in model.named_parameters():
+                if "adaln" in name or "lm_head" in name:
+                    p.normal_(0, 0.05)
+    return model
+
+
+def batch(n=12, b=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, n + 1), generator=g)
+    sigma = torch.tensor([0.3, 2.0])[:b]
+    noise = torch.randn(b, n, DIM, generator=g)
+    return tokens[:, :-1].clone(), tokens[:, 1:].clone(), sigma, noise
+
+
+def test_mask_matches_method_rules():
+    n = 4
+    mask = dense_mask(dblocks_mask_mod(torch.zeros(1, n, dtype=torch.long), n), 1, 2 * n, torch.device("cpu"))[0, 0]
+    for q in range(2 * n):
+        for kv in range(2 * n):
+            if q < n:  # clean_q: causal over clean, never noisy
+                expected = kv < n and kv <= q
+            else:  # noisy slot of token q-n+1: clean tokens up to q-n, and itself
+                expected = (kv < n and kv <= q - n) or kv == q
+            assert bool(mask[q, kv]) == expected, (q, kv)
+
+
+def test_mask_respects_documents():
+    positions = torch.tensor([[0, 1, 2, 0, 1]])  # documents {0,1,2} and {3,4}
+    n = 5
+    mask = dense_mask(dblocks_mask_mod(document_ids(positions), n), 1, 2 * n, torch.device("cpu"))[0, 0]
+    assert not mask[3, 2] and mask[3, 3] and mask[4, 3]
+    assert not mask[n + 3, 2] and mask[n + 3, 3] and not mask[n + 3, n + 2]
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_perturbation_clean_i_vs_clean_i_minus_1(k):
+    """Logits of the noisy slot of token k: independent of clean token k, dependent on k-1.
+
+    The noisy slot of token k (= labels[k-1]) is at index k-1 of the output; clean token k is
+    tokens[k]. Labels (the noisy inputs) are held fixed.
+    """
+    model = build(randomize_zero_init=True)
+    tokens, labels, sigma, noise = batch()
+    base = model(tokens, labels=labels, sigma=sigma, noise=noise, block=0)
+
+    changed = tokens.clone()
+    changed[:, k] = (changed[:, k] + 1) % VOCAB
+    out = model(changed, labels=labels, sigma=sigma, noise=noise, block=0)
+    torch.testing.assert_close(out[:, k - 1], base[:, k - 1], rtol=0, atol=0)
+    assert not torch.allclose(out[:, k], base[:, k])  # later slots do see clean token k
+
+    changed = tokens.clone()
+    changed[:, k - 1] = (changed[:, k - 1] + 1) % VOCAB
+    out = model(changed, labels=labels, sigma=sigma, noise=noise, block=0)
+    assert (out[:, k - 1] - base[:, k - 1]).abs().max() > 1e-4
+
+
+def test_noisy_slots_do_not_see_each_other():
+    model = build(randomize_zero_init=True)
+    tokens, labels, sigma, noise = batch()
+    base = model(tokens, labels=labels, sigma=sigma, noise=noise, block=1)
+    noise2 = noise.clone()
+    noise2[:, 5] += 1.0
+    out = model(tokens, labels=labels, sigma=sigma, noise=noise2, block=1)
+    others = [i for i in range(tokens.shape[1]) if i != 5]
+    torch.testing.assert_close(out[:, others], base[:, others], rtol=0, atol=0)
+    assert (out[:, 5] - base[:, 5]).abs().max() > 1e-4
+
+
+def test_zero_init_layers_are_identity():
+    model = build()
+    x = torch.randn(2, 10, DIM)
+    c = torch.randn(2, DIM)
+    positions = torch.arange(5).repeat(2, 2)
+    mask = dense_mask(dblocks_mask_mod(torch.zeros(2, 5, dtype=torch.long), 5), 2, 10, torch.device("cpu"))
+    for layer in model.layers.values():
+        torch.testing.assert_close(layer(x, c, mask, positions), x, rtol=0, atol=0)
+
+
+def test_zero_init_head_gives_uniform_logits():
+    model = build()
+    tokens, labels, sigma, noise = batch()
+    out = model(tokens, labels=labels, sigma=sigma, noise=noise, block=2)
+    assert out.shape == (2, 12, VOCAB) and out.abs().max() == 0
+
+
+def test_forward_runs_only_the_given_block():
+    model = build(randomize_zero_init=True)
+    tokens, labels, sigma, noise = batch()
+    out = model(tokens, labels=labels, sigma=sigma, noise=noise, block=2)
+    out.sum().backward()
+    for i, layer in enumerate(model.layers.values()):
+        grads = [p.grad for p in layer.parameters()]
+        if i in (4, 5):  # block 2 of 4 over 8 layers
+            assert all(g is not None for g in grads)
+        else:
+            assert all(g is None for g in grads), f"layer {i} got a gradient"
+    assert model.tok_embeddings.weight.grad is not None and model.t_embedder.fc1.weight.grad is not None
+
+
+def test_edm_combine_at_low_sigma_copies_the_target():
+    """At σ_min, D = c_skip·z + c_out·h ≈ y = E[label]/‖E[label]‖: with the head set to the
+    normalised embedding table (and the final adaLN at its zero init) the argmax is the label."""
+    model = build()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.nn.functional.normalize(model.tok_embeddings.weight, dim=-1))
+    tokens, labels, _, noise = batch()
+    sigma = torch.full((2,), EDMConfig().sigma_min)
+    out = model(tokens, labels=labels, sigma=sigma, noise=noise, block=3)
+    assert torch.equal(out.argmax(-1), labels)
+    # ...and at σ_max the target is drowned: the same readout no longer recovers it.
+    out = model(tokens, labels=labels, sigma=torch.full((2,), EDMConfig().sigma_max), noise=noise, block=0)
+    assert (out.argmax(-1) == labels).float().mean() < 0.5
+
+
+def test_call_without_sigma_is_deterministic_next_token_prediction():
+    model = build(randomize_zero_init=True)
+    tokens, labels, _, _ = batch()
+    a, b = model(tokens), model(tokens)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert a.shape == (2, 12, VOCAB)
+
+
+def test_num_blocks_must_divide_layers():
+    check_num_blocks(8, 4)
+    with pytest.raises(ValueError, match=r"num_blocks=3 must divide the model's n_layers=8"):
+        check_num_blocks(8, 3)
