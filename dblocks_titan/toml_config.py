@@ -78,7 +78,14 @@ def build_config(table: dict[str, Any], where: str):
         if kind not in AC_TYPES:
             raise TomlError(f"{where}: activation_checkpoint.type must be one of {sorted(AC_TYPES)}, got {kind!r}")
         config.activation_checkpoint = None if AC_TYPES[kind] is None else _apply(AC_TYPES[kind](), ac, "activation_checkpoint", where)
-    return _apply(config, table, "", where)
+    config = _apply(config, table, "", where)
+    validate = getattr(config, "validate_dblocks", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as e:
+            raise TomlError(f"{where}: {e}") from None
+    return config
 
 
 def _check_keys(table: dict, allowed: set[str], section: str, where: str) -> None:
@@ -147,8 +154,8 @@ class TomlConfigManager(ConfigManager):
                 config_file = next(it, None)
             elif arg.startswith("--job.config_file="):
                 config_file = arg.split("=", 1)[1]
-            else:
-                rest.append(arg)
+            else:  # titan 0.2's --job.dump_folder is 0.3's --dump_folder
+                rest.append(arg.replace("--job.dump_folder", "--dump_folder", 1))
         if config_file is None:
             return super()._load_config(args)
         return load_toml(config_file), rest

@@ -1,0 +1,137 @@
+"""TOML entry point, recipes, flavors and the block schedule."""
+
+import pytest
+import torch
+
+import dblocks_titan  # noqa: F401
+from dblocks_titan.block_schedule import BlockSchedule
+from dblocks_titan.config_registry import model_registry, TRAIN_CONFIGS
+from dblocks_titan.data import SentencePieceTokenizer, TiktokenTokenizer  # noqa: F401
+from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.toml_config import load_toml, TomlConfigManager, TomlError
+from dblocks_titan.trainer import DBlocksTrainer
+from torchtitan.models.llama3.model import Llama3Model
+from torchtitan.trainer import Trainer
+
+
+def write(tmp_path, text, name="x.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_debug_config_and_its_twin():
+    db, e2e = load_toml(TRAIN_CONFIGS / "debug_dblocks.toml"), load_toml(TRAIN_CONFIGS / "debug_llama_baseline.toml")
+    assert type(db) is DBlocksTrainer.Config and type(e2e) is Trainer.Config
+    assert isinstance(db.model_spec.model, DBlocksLlama.Config) and isinstance(e2e.model_spec.model, Llama3Model.Config)
+    assert db.dblocks.num_blocks == 4 and db.dblocks.gamma == 0.1 and db.dblocks.weighting == "batch_mean"
+    assert db.training.steps == 4 * e2e.training.steps  # budget convention: B x the steps
+    assert db.lr_scheduler.warmup_steps == 4 * e2e.lr_scheduler.warmup_steps
+    for a, b in [(db.training.seq_len, e2e.training.seq_len), (db.training.local_batch_size, e2e.training.local_batch_size),
+                 (db.dataloader.dataset, e2e.dataloader.dataset), (db.hf_assets_path, e2e.hf_assets_path)]:
+        assert a == b
+    assert db.optimizer.param_groups[0].optimizer_kwargs["lr"] == 2e-3
+    assert db.activation_checkpoint is None and db.training.disable_cuda_graphs
+
+
+def test_owt_config_is_the_paper_setup():
+    db, e2e = load_toml(TRAIN_CONFIGS / "owt_dblocks.toml"), load_toml(TRAIN_CONFIGS / "owt_llama_baseline.toml")
+    model = db.model_spec.model
+    assert (len(model.layers), model.dim, model.layers[0].attention.n_heads) == (12, 768, 12)
+    assert db.dblocks.num_blocks == 4 and db.dblocks.gamma == 0.1 and db.training.seq_len == 1024
+    assert isinstance(db.tokenizer, TiktokenTokenizer.Config) and db.dataloader.dataset == "owt"
+    assert (len(e2e.model_spec.model.layers), e2e.model_spec.model.dim) == (12, 768)
+    assert e2e.training.global_batch_size == db.training.global_batch_size and e2e.training.seq_len == 1024
+    assert db.training.steps == 4 * e2e.training.steps
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 3\nstepz = 4\n")
+    with pytest.raises(TomlError, match=r"x\.toml: unknown key 'training\.stepz'"):
+        load_toml(path)
+    with pytest.raises(TomlError, match=r"unknown key 'trainig'"):
+        load_toml(write(tmp_path, "[trainig]\nsteps = 3\n"))
+    with pytest.raises(TomlError, match=r"unknown key 'dblocks\.edm\.sigma_maxx'"):
+        load_toml(write(tmp_path, "[dblocks.edm]\nsigma_maxx = 3.0\n"))
+    with pytest.raises(TomlError, match=r"unknown key 'model\.flavour'"):
+        load_toml(write(tmp_path, "[model]\nflavour = 'debugmodel'\n"))
+    with pytest.raises(TomlError, match=r"'training\.disable_cuda_graphs' expects bool"):
+        load_toml(write(tmp_path, "[training]\ndisable_cuda_graphs = 1\n"))
+
+
+def test_nested_and_frozen_sections(tmp_path):
+    config = load_toml(write(tmp_path, "[dblocks.edm]\nsigma_max = 40.0\n[validator.dataloader]\ndataset = 'owt_validation'\n"))
+    assert config.dblocks.edm.sigma_max == 40.0 and config.dblocks.edm.sigma_min == 0.002
+    assert config.validator.dataloader.dataset == "owt_validation"
+
+
+def test_blocks_must_divide_layers(tmp_path, capsys):
+    path = write(tmp_path, "[dblocks]\nnum_blocks = 3\n")
+    with pytest.raises(ValueError, match=r"x\.toml: dblocks\.num_blocks=3 must divide the model's n_layers=8"):
+        TomlConfigManager().parse_args(["--job.config_file", str(path)])
+    # The same mistake on the command line: tyro prints the message and exits with 2.
+    with pytest.raises(SystemExit) as exit_info:
+        TomlConfigManager().parse_args(["--job.config_file", str(TRAIN_CONFIGS / "debug_dblocks.toml"),
+                                        "--dblocks.num_blocks", "3"])
+    assert exit_info.value.code == 2
+    assert "num_blocks=3 must divide" in " ".join(capsys.readouterr().err.split())
+
+
+def test_cuda_graphs_must_be_off(tmp_path):
+    with pytest.raises(ValueError, match="disable_cuda_graphs"):
+        load_toml(write(tmp_path, "[training]\ndisable_cuda_graphs = false\n"))
+
+
+def test_cli_flags_override_the_file():
+    config = TomlConfigManager().parse_args(
+        ["--job.config_file", str(TRAIN_CONFIGS / "debug_dblocks.toml"), "--training.steps", "7",
+         "--dblocks.gamma", "0.2", "--job.dump_folder", "/tmp/elsewhere"])
+    assert config.training.steps == 7 and config.dblocks.gamma == 0.2 and config.dump_folder == "/tmp/elsewhere"
+    assert config.dblocks.num_blocks == 4  # the rest still comes from the file
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        TomlConfigManager().parse_args(["--job.config_file", "nope.toml"])
+
+
+@pytest.mark.parametrize("flavor,layers,dim,approx_params", [("125M", 12, 768, 206.7e6), ("1B", 16, 2048, 1.914e9)])
+def test_flavors_build_on_meta(flavor, layers, dim, approx_params):
+    spec = model_registry("dblocks_llama", flavor)
+    with torch.device("meta"):
+        model = spec.model.build()
+    assert len(model.layers) == layers and model.config.dim == dim
+    # GPT-2-small / Llama-3.2-1B shapes plus adaLN (6·d² per layer) and an untied head.
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(approx_params, rel=0.01)
+    assert len(model_registry("dblocks_llama", "8B").model.layers) == 32
+
+
+def test_unknown_model_and_flavor():
+    with pytest.raises(ValueError, match="unknown model name 'gpt'"):
+        model_registry("gpt", "debugmodel")
+    with pytest.raises(ValueError, match="unknown flavor '2B'"):
+        model_registry("dblocks_llama", "2B")
+
+
+def draws(schedule, k):
+    return [schedule.next() for _ in range(k)]
+
+
+def test_schedules():
+    make = lambda kind, seed=0: BlockSchedule.Config(kind=kind, seed=seed).build(num_blocks=4, total_steps=10)  # noqa: E731
+    assert draws(make("round_robin"), 6) == [0, 1, 2, 3, 0, 1]
+    assert draws(make("sequential"), 10) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    a, b = draws(make("random"), 200), draws(make("random"), 200)
+    assert a == b and set(a) == {0, 1, 2, 3} and draws(make("random", seed=1), 200) != a
+    with pytest.raises(ValueError, match="block_schedule must be"):
+        make("cyclic")
+
+
+def test_schedule_state_resumes_the_same_sequence():
+    s = BlockSchedule.Config(kind="random", seed=3).build(num_blocks=4, total_steps=100)
+    draws(s, 17)
+    state = s.state_dict()
+    expected = draws(s, 20)
+    t = BlockSchedule.Config(kind="random", seed=99).build(num_blocks=4, total_steps=100)
+    t.load_state_dict(state)
+    assert draws(t, 20) == expected
