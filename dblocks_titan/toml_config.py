@@ -27,6 +27,7 @@ from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config.manager import ConfigManager
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
+from dblocks_titan.data.datasets import check_dataset
 from dblocks_titan.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 
 if sys.version_info >= (3, 11):
@@ -39,7 +40,11 @@ MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size"}
 OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
 
 
-class TomlError(ValueError):
+class InputError(ValueError):
+    """A bad config, path or file, found before anything is built: reported in one line."""
+
+
+class TomlError(InputError):
     pass
 
 
@@ -164,4 +169,22 @@ class TomlConfigManager(ConfigManager):
         validate = getattr(self.config, "validate_dblocks", None)
         if validate is not None:
             validate()
-        super()._validate_config()
+        check_inputs(self.config)
+
+
+def check_inputs(config) -> None:
+    """Before any model is built: the tokenizer loads and every dataset it will read exists."""
+    try:
+        if isinstance(config.tokenizer, HuggingFaceTokenizer.Config):
+            if not (Path(config.hf_assets_path) / "tokenizer.json").is_file():
+                raise FileNotFoundError(
+                    f"no tokenizer.json in {config.hf_assets_path!r}; set [tokenizer] path or --hf_assets_path"
+                )
+        else:
+            config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+        loaders = [config.dataloader] + ([config.validator.dataloader] if config.validator.enable else [])
+        for loader in loaders:
+            if hasattr(loader, "dataset"):
+                check_dataset(loader.dataset, loader.dataset_path)
+    except (OSError, ValueError, ImportError) as e:
+        raise InputError(str(e)) from None

@@ -8,6 +8,7 @@ Also accepts titan's own ``--module dblocks_titan --config <fn>``. It is titan's
 from __future__ import annotations
 
 import os
+import sys
 
 import dblocks_titan  # noqa: F401  (applies the compat patches before titan is imported)
 
@@ -29,11 +30,14 @@ def _single_process_env() -> None:
 def main() -> None:
     import torchtitan.train as titan_train
 
-    from dblocks_titan.toml_config import TomlConfigManager
+    from dblocks_titan.toml_config import InputError, TomlConfigManager
 
     _single_process_env()
     titan_train.ConfigManager = TomlConfigManager
-    titan_train.main()
+    try:
+        titan_train.main()
+    except InputError as e:
+        sys.exit(f"dblocks_titan: error: {e}")
 
 
 if __name__ == "__main__":

@@ -153,8 +153,7 @@ class DBlocksTrainer(Trainer):
         b, decay = self.block, self.config.dblocks.running_loss_decay
         self.first_ce.setdefault(b, ce)
         self.running_ce[b] = ce if b not in self.running_ce else decay * self.running_ce[b] + (1 - decay) * ce
-        with open(self._trace_path, "a") as f:
-            f.write(json.dumps({"step": self.step, "block": b, "ce": ce}) + "\n")
+        self._write_trace({"step": self.step, "block": b, "ce": ce})
         if not self.metrics_processor.should_log(self.step):
             return
         metrics = {"dblocks/block": b, "dblocks/ce": ce}
@@ -162,6 +161,17 @@ class DBlocksTrainer(Trainer):
         self.metrics_processor.logger.log(metrics, self.step)
         running = "  ".join(f"b{k}={v:.3f}" for k, v in sorted(self.running_ce.items()))
         logger.info(f"step: {self.step:2}  block: {b}  ce: {ce:.4f}  running ce per block: {running}")
+
+    def _write_trace(self, record: dict) -> None:
+        """Append to ``dump_folder/dblocks_trace/rank<r>.jsonl``. A fresh run (step 1) finding an old
+        trace moves it aside to ``rank<r>.jsonl.prev<k>`` instead of overwriting it."""
+        if self.step == 1 and os.path.exists(self._trace_path):
+            k = 0
+            while os.path.exists(f"{self._trace_path}.prev{k}"):
+                k += 1
+            os.rename(self._trace_path, f"{self._trace_path}.prev{k}")
+        with open(self._trace_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def train(self):
         super().train()

@@ -135,3 +135,38 @@ def test_schedule_state_resumes_the_same_sequence():
     t = BlockSchedule.Config(kind="random", seed=99).build(num_blocks=4, total_steps=100)
     t.load_state_dict(state)
     assert draws(t, 20) == expected
+
+
+def test_bad_inputs_fail_before_anything_is_built(tmp_path):
+    from dblocks_titan.toml_config import check_inputs, InputError
+
+    config = load_toml(TRAIN_CONFIGS / "debug_dblocks.toml")
+    check_inputs(config)  # the shipped default is complete
+    config.hf_assets_path = str(tmp_path)
+    with pytest.raises(InputError, match="no tokenizer.json in"):
+        check_inputs(config)
+    config = load_toml(TRAIN_CONFIGS / "debug_dblocks.toml")
+    config.dataloader.dataset_path = str(tmp_path / "missing.jsonl")
+    with pytest.raises(InputError, match="no file at .*missing.jsonl"):
+        check_inputs(config)
+    config.dataloader.dataset, config.dataloader.dataset_path = "owt", None
+    with pytest.raises(InputError, match="dataset 'owt' needs --dataloader.dataset_path"):
+        check_inputs(config)
+    config.dataloader.dataset = "c5"
+    with pytest.raises(InputError, match="unknown dataset 'c5'"):
+        check_inputs(config)
+    with pytest.raises(InputError, match="tokenizer file .* not found"):
+        check_inputs(load_toml(TRAIN_CONFIGS / "owt_dblocks.toml"))
+
+
+def test_entry_point_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = write(tmp_path, "[training]\nsteps = 3\nlr = 0.1\n")
+    proc = subprocess.run([sys.executable, "-m", "dblocks_titan.train", "--job.config_file", str(bad)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"dblocks_titan: error: {bad}: unknown key 'training.lr'"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -135,6 +135,17 @@ def load_lm1b(path: str, split: str) -> Dataset:
     return _tail_split(_arrow(path, name, _lm1b_record), split, LM1B_VALIDATION_FRACTION, None, name)
 
 
+def check_dataset(name: str, path: str | None) -> None:
+    """Fail fast on a dataset that cannot load: unknown name, missing required path, no file."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    path = path or DATASETS[name].path
+    if name.split("_validation")[0] in ("owt", "lm1b"):
+        _require(path, name, "the data files")
+    if path and not Path(path).is_dir():
+        _open_files(path, name)
+
+
 def _text(sample: dict[str, Any]) -> str:
     return sample["text"]
 
