@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
@@ -32,6 +33,23 @@ from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
 from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.dblocks_llama import check_num_blocks
 from dblocks_titan.objectives import ar_corrupt, ar_loss
+
+
+def init_optimizer_states(optimizers) -> None:
+    """Give every parameter its optimizer state now, exactly as its first real step would.
+
+    Reason: a block that has not trained yet has no AdamW state, so a checkpoint would lack its
+    keys, and resuming (where DCP builds states for every parameter) fails with "Missing key in
+    checkpoint state_dict". DCP's own initialiser takes a zero-grad step at lr 0 (moments stay 0,
+    nothing moves or decays); resetting ``step`` to 0 leaves the state identical to a fresh one.
+    """
+    for optimizer in optimizers:
+        _init_optim_state(optimizer)
+        for state in optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -91,6 +109,7 @@ class DBlocksTrainer(Trainer):
                 f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                 f"{model_vocab}: set [model] vocab_size to at least the tokenizer's."
             )
+        init_optimizer_states(self.optimizers)
         db = config.dblocks
         self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
             num_blocks=db.num_blocks, total_steps=config.training.steps

@@ -153,3 +153,21 @@ def test_num_blocks_must_divide_layers():
     check_num_blocks(8, 4)
     with pytest.raises(ValueError, match=r"num_blocks=3 must divide the model's n_layers=8"):
         check_num_blocks(8, 3)
+
+
+def test_flex_block_mask_equals_the_dense_mask():
+    """The GPU path (FlexAttention + BlockMask) computes the same attention as the CPU path.
+    flex_attention's forward runs on CPU (eager), so the equivalence is checked here."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    model_config = flavor_config("debugmodel", attn_backend="flex")
+    with torch.device("meta"):
+        model = model_config.build()
+    b, n, heads, hd = 2, 40, 2, 16
+    positions = torch.cat([torch.arange(25), torch.arange(15)]).repeat(b, 1)  # two documents per row
+    block_mask = model.get_attention_masks(positions)
+    assert isinstance(block_mask, BlockMask)
+    dense = dense_mask(dblocks_mask_mod(document_ids(positions), n), b, 2 * n, torch.device("cpu"))
+    q, k, v = (torch.randn(b, heads, 2 * n, hd) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, rtol=1e-5, atol=1e-5)

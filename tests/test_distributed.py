@@ -68,3 +68,20 @@ def test_titan_native_module_config_launch(tmp_path):
                "--dump_folder", str(tmp_path), "--validator.no-enable"])
     assert "Training completed" in out
     assert [r["step"] for r in trace(tmp_path, 0)] == [1, 2, 3]
+
+
+def test_resume_continues_the_block_schedule(tmp_path):
+    """The schedule's generator is checkpointed: a run resumed at step 10 trains the same blocks at
+    steps 11..15 as an uninterrupted run (and every block's optimizer state is in the checkpoint,
+    including blocks that had not trained yet)."""
+    args = ["-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
+            "--checkpoint.enable", "--checkpoint.interval", "5", "--validator.no-enable",
+            "--dblocks.block_schedule", "random", "--dblocks.seed", "0"]
+    run([PY, *args, "--training.steps", "15", "--dump_folder", str(tmp_path / "a")])
+    run([PY, *args, "--training.steps", "10", "--dump_folder", str(tmp_path / "b")])
+    out = run([PY, *args, "--training.steps", "15", "--dump_folder", str(tmp_path / "b")])
+    assert "Training starts at step 11" in out
+    whole, resumed = trace(tmp_path / "a", 0), trace(tmp_path / "b", 0)
+    assert [r["step"] for r in resumed] == list(range(1, 16))
+    assert [r["block"] for r in resumed] == [r["block"] for r in whole]
+    assert 2 not in [r["block"] for r in whole[:10]] and 2 in [r["block"] for r in whole[10:]]  # seed 0
