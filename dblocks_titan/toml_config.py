@@ -166,22 +166,27 @@ class TomlConfigManager(ConfigManager):
         return load_toml(config_file), rest
 
     def _validate_config(self) -> None:
-        validate = getattr(self.config, "validate_dblocks", None)
-        if validate is not None:
-            validate()
-        check_inputs(self.config)
+        # DBlocksTrainer runs these checks itself (whichever entry point built it); titan's
+        # Trainer does not, so they run here for the e2e twin.
+        if not hasattr(self.config, "validate_dblocks"):
+            check_inputs(self.config)
 
 
 def check_inputs(config) -> None:
-    """Before any model is built: the tokenizer loads and every dataset it will read exists."""
+    """Before any model is built: the tokenizer loads and fits the model's vocabulary, and every
+    dataset the run will read exists."""
     try:
         if isinstance(config.tokenizer, HuggingFaceTokenizer.Config):
             if not (Path(config.hf_assets_path) / "tokenizer.json").is_file():
                 raise FileNotFoundError(
                     f"no tokenizer.json in {config.hf_assets_path!r}; set [tokenizer] path or --hf_assets_path"
                 )
-        else:
-            config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+        vocab = config.tokenizer.build(tokenizer_path=config.hf_assets_path).get_vocab_size()
+        if config.model_spec is not None and vocab > config.model_spec.model.vocab_size:
+            raise ValueError(
+                f"tokenizer has {vocab} tokens but the model's vocab_size is {config.model_spec.model.vocab_size}: "
+                "set [model] vocab_size to at least the tokenizer's"
+            )
         loaders = [config.dataloader] + ([config.validator.dataloader] if config.validator.enable else [])
         for loader in loaders:
             if hasattr(loader, "dataset"):

@@ -33,6 +33,7 @@ from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
 from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.dblocks_llama import check_num_blocks
 from dblocks_titan.objectives import ar_corrupt, ar_loss
+from dblocks_titan.toml_config import check_inputs
 
 
 def init_optimizer_states(optimizers) -> None:
@@ -102,13 +103,8 @@ class DBlocksTrainer(Trainer):
 
     def __init__(self, config: Config):
         config.validate_dblocks()
+        check_inputs(config)  # bad paths / vocab fail here, before the model is built
         super().__init__(config)
-        model_vocab = self.model_config.vocab_size
-        if self.tokenizer.get_vocab_size() > model_vocab:
-            raise ValueError(
-                f"tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                f"{model_vocab}: set [model] vocab_size to at least the tokenizer's."
-            )
         init_optimizer_states(self.optimizers)
         db = config.dblocks
         self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(

@@ -85,3 +85,27 @@ def test_resume_continues_the_block_schedule(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 16))
     assert [r["block"] for r in resumed] == [r["block"] for r in whole]
     assert 2 not in [r["block"] for r in whole[:10]] and 2 in [r["block"] for r in whole[10:]]  # seed 0
+
+
+def test_trains_with_a_local_gpt2_style_tiktoken_file(tmp_path):
+    """tiktoken from a local ranks file (offline) drives a real run; the model vocab is set in TOML."""
+    from test_data import _tiny_tiktoken
+
+    ranks = _tiny_tiktoken(tmp_path / "gpt2.tiktoken")
+    config = tmp_path / "tiktoken.toml"
+    config.write_text(
+        (ROOT / "train_configs/debug_dblocks.toml").read_text()
+        .replace('type = "hf" ', f'type = "tiktoken"\npath = "{ranks}"\n#')
+        .replace('attn_backend = "auto"', 'attn_backend = "auto"\nvocab_size = 264')
+    )
+    out = run([PY, "-m", "dblocks_titan.train", "--job.config_file", str(config), "--training.steps", "3",
+               "--dump_folder", str(tmp_path / "out"), "--validator.no-enable"])
+    assert "Training completed" in out and "size: " in out
+    assert len(trace(tmp_path / "out", 0)) == 3
+    small = config.read_text().replace("vocab_size = 264", "vocab_size = 128")
+    config.write_text(small)
+    proc = subprocess.run([PY, "-m", "dblocks_titan.train", "--job.config_file", str(config)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "dblocks_titan: error: tokenizer has 260 tokens but the model's vocab_size is 128: "
+        "set [model] vocab_size to at least the tokenizer's")
