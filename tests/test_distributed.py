@@ -36,8 +36,9 @@ def check_block_local(report: dict) -> None:
     assert not any(n.startswith("layers.") and layer(n) not in active for n in report["grad_set"])
 
 
-def test_inactive_blocks_untouched_single_process(tmp_path):
-    run([PY, "tests/helpers/one_step.py", str(tmp_path), "2", "3"])
+@pytest.mark.parametrize("accumulation", [[], ["--training.global_batch_size", "16"]], ids=["1mb", "2mb"])
+def test_inactive_blocks_untouched_single_process(tmp_path, accumulation):
+    run([PY, "tests/helpers/one_step.py", str(tmp_path), "2", "3", *accumulation])
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["active_layers"] == ["4", "5"]
     check_block_local(report)

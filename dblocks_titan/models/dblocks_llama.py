@@ -159,11 +159,10 @@ class DBlocksLlama(Decoder):
                 self.num_blocks = dblocks.num_blocks
                 self.edm = dblocks.edm
             check_num_blocks(len(self.layers), self.num_blocks)
-            # Noisy slot i sits at RoPE position pos_i + 1, one past titan's seq_len - 1.
-            for layer in self.layers:
-                layer.attention.rope = dataclasses.replace(
-                    layer.attention.rope, max_seq_len=layer.attention.rope.max_seq_len + 1
-                )
+            training = getattr(config, "training", None)
+            if training is not None:  # noisy slot i sits at RoPE position pos_i + 1 ≤ seq_len
+                for layer in self.layers:
+                    layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=training.seq_len + 1)
 
         def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
             """FLOPs per input token of one DiffusionBlocks step (one block active).
