@@ -20,6 +20,7 @@ from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
+from torchtitan.config.configs import DebugConfig
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
@@ -71,6 +72,7 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
         parallelism=ParallelismConfig(spmd_backend=compat.default_spmd_backend()),
         checkpoint=CheckpointManager.Config(interval=500, last_save_model_only=False),
         activation_checkpoint=None,
+        debug=DebugConfig(seed=0),  # reproducible initialisation: a run and its twin start alike
     )
     if name == "dblocks_llama":
         return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)

@@ -31,7 +31,7 @@ from torchtitan.trainer import Trainer
 
 from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
 from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
-from dblocks_titan.models.dblocks_llama import check_num_blocks
+from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.objectives import ar_corrupt, ar_loss
 from dblocks_titan.toml_config import check_inputs
 

@@ -1,0 +1,234 @@
+"""What every DiffusionBlocks model shares (METHOD.md §5): a torchtitan ``Decoder`` whose layers
+are adaLN-conditioned and cut into ``num_blocks`` blocks, a shared timestep embedder, and a shared
+readout (final norm → final adaLN → head). The AR model (``dblocks_llama``) and the masked-diffusion
+model (``mdlm``) differ only in what goes in and how the noise level is encoded.
+
+The layout stays titan's (``tok_embeddings``, ``layers``, ``norm``, ``lm_head``), so titan's
+activation checkpointing, per-layer compile and per-layer FSDP2 apply unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchtitan.models.common import (
+    ComplexRoPE,
+    compute_ffn_hidden_dim,
+    Decoder,
+    Embedding,
+    Linear,
+    RMSNorm,
+    TransformerBlock,
+)
+from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
+from torchtitan.models.common.param_init import depth_scaled_std
+from torchtitan.models.llama3.model import Llama3TransformerBlock
+from torchtitan.protocols.module import Module
+
+from dblocks_titan.models.conditioning import modulate, TimestepEmbedder, ZERO_INIT
+
+
+class MaskedSDPA(Module):
+    """Inner attention: ``F.scaled_dot_product_attention`` with an optional explicit bool mask
+    (``None`` = bidirectional). titan's ``ScaledDotProductAttention`` accepts only ``is_causal``,
+    and FlexAttention has no backward on CPU."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__()
+
+    def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks, scale=None, enable_gqa=False, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (q_BLNH, k_BLNH, v_BLNH))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_masks, scale=scale, enable_gqa=enable_gqa)
+        return out.transpose(1, 2)
+
+
+class DBlockLayer(TransformerBlock):
+    """llama3 layer with adaLN: ``x += gate·Attn(norm(x)·(1+scale)+shift)``, same for the MLP.
+
+    The adaLN Linear (c → 6·dim) is zero-initialised, so the layer starts as the identity.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(TransformerBlock.Config):
+        adaln: Linear.Config
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attention = config.attention.build()
+        self.feed_forward = config.feed_forward.build()
+        self.attention_norm = config.attention_norm.build()
+        self.ffn_norm = config.ffn_norm.build()
+        self.adaln = config.adaln.build()
+
+    def forward(self, x, c, attention_masks, positions):
+        """x [B, L, D]; c [B, D] (already SiLU'd); positions [B, L]."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
+        h = modulate(self.attention_norm(x), shift_a, scale_a)
+        x = x + gate_a[:, None] * self.attention(h, attention_masks, positions)
+        h = modulate(self.ffn_norm(x), shift_m, scale_m)
+        return x + gate_m[:, None] * self.feed_forward(h)
+
+
+def check_num_blocks(n_layers: int, num_blocks: int) -> None:
+    if num_blocks < 1 or n_layers % num_blocks != 0:
+        raise ValueError(
+            f"dblocks.num_blocks={num_blocks} must divide the model's n_layers={n_layers} "
+            f"(choose one of {[b for b in range(1, n_layers + 1) if n_layers % b == 0]})."
+        )
+
+
+class BlockDenoiser(Decoder):
+    """A Decoder cut into ``num_blocks`` blocks of adaLN layers, with a shared conditioning path."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Decoder.Config):
+        t_embedder: TimestepEmbedder.Config
+        final_adaln: Linear.Config
+        num_blocks: int = 1
+        """Set from ``[dblocks] num_blocks`` by ``update_from_config``."""
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            Decoder.Config.update_from_config(self, config=config, **kwargs)
+            dblocks = getattr(config, "dblocks", None)
+            if dblocks is not None:
+                self.num_blocks = dblocks.num_blocks
+            check_num_blocks(len(self.layers), self.num_blocks)
+
+        def block_flops(self, model: nn.Module, positions_per_token: int, head_positions_per_token: int, seq_len: int):
+            """(nparams, FLOPs per input token of one step with one block active):
+            ``6·(p·P_block + h·P_head) + 12·(L/B)·heads·2·head_dim·p²·N``, p positions per input
+            token in the layers (2 for the AR layout), h at the head."""
+            nparams = sum(p.numel() for p in model.parameters())
+            layer_params = sum(p.numel() for p in model.layers["0"].parameters())
+            block_layers = len(self.layers) // self.num_blocks
+            attn = self.layers[0].attention
+            head_dims = 2 * (self.dim // attn.n_heads)
+            p = positions_per_token
+            flops = 6 * (p * block_layers * layer_params + head_positions_per_token * self.dim * self.vocab_size)
+            flops += 12 * block_layers * attn.n_heads * head_dims * p * p * seq_len
+            return nparams, flops
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.t_embedder = config.t_embedder.build()
+        self.final_adaln = config.final_adaln.build()
+        self.num_blocks = config.num_blocks
+
+    def block_layers(self, block: int) -> list[nn.Module]:
+        """The L/B layers of ``block`` (block 0 = the first layers = the noisiest range)."""
+        if not 0 <= block < self.num_blocks:
+            raise ValueError(f"block must be in [0, {self.num_blocks}), got {block}.")
+        per_block = len(self.layers) // self.num_blocks
+        return list(self.layers.values())[block * per_block : (block + 1) * per_block]
+
+    def conditioning(self, noise_label: torch.Tensor) -> torch.Tensor:
+        """``c = SiLU(emb(noise_label))`` [B, D], fed to every adaLN."""
+        return F.silu(self.t_embedder(noise_label))
+
+    def run_block(self, x, c, block: int, attention_masks, positions) -> torch.Tensor:
+        for layer in self.block_layers(block):
+            x = layer(x, c, attention_masks, positions)
+        return x
+
+    def readout(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Shared final norm → final adaLN (shift/scale, zero-init) → head (zero-init) → logits."""
+        shift, scale = self.final_adaln(c).chunk(2, dim=-1)
+        return self.lm_head(modulate(self.norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes: one builder for every model of this package and for titan's llama3 twin
+# --------------------------------------------------------------------------------------------
+
+_LINEAR_INIT = {"weight": partial(nn.init.trunc_normal_, std=0.02), "bias": nn.init.zeros_}
+_NORM_INIT = {"weight": nn.init.ones_}
+_EMBEDDING_INIT = {"weight": partial(nn.init.normal_, std=1.0)}
+
+
+def _output_init(dim: int) -> dict:
+    s = dim**-0.5
+    return {"weight": partial(nn.init.trunc_normal_, std=s, a=-3 * s, b=3 * s)}
+
+
+def _depth_init(layer_id: int) -> dict:
+    return {"weight": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)), "bias": nn.init.zeros_}
+
+
+def decoder_parts(
+    *,
+    adaln: bool,
+    inner_attention: Module.Config,
+    dim: int,
+    n_layers: int,
+    n_heads: int,
+    vocab_size: int,
+    n_kv_heads: int | None = None,
+    ffn_multiple_of: int = 256,
+    ffn_dim_multiplier: float | None = None,
+    rope_theta: float = 500000,
+) -> dict:
+    """Decoder.Config fields of a llama3-shaped stack: adaLN layers with a zero-init head and the
+    shared denoiser parts (``adaln=True``), or plain llama3 layers (titan's e2e twin)."""
+    rope = ComplexRoPE.Config(dim=dim // n_heads, max_seq_len=131072, theta=rope_theta, scaling="none")
+    hidden = compute_ffn_hidden_dim(dim, multiple_of=ffn_multiple_of, ffn_dim_multiplier=ffn_dim_multiplier)
+
+    def layer(i: int) -> TransformerBlock.Config:
+        parts = dict(
+            attention_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+            ffn_norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+            attention=make_gqa_config(
+                dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, wqkv_param_init=_LINEAR_INIT,
+                wo_param_init=_depth_init(i), inner_attention=inner_attention, fuse_qkv=True, rope=rope,
+            ),
+            feed_forward=make_ffn_config(
+                dim=dim, hidden_dim=hidden, w1_param_init=_LINEAR_INIT, w2w3_param_init=_depth_init(i)
+            ),
+        )
+        if not adaln:
+            return Llama3TransformerBlock.Config(**parts)
+        return DBlockLayer.Config(
+            **parts, adaln=Linear.Config(in_features=dim, out_features=6 * dim, bias=True, param_init=ZERO_INIT)
+        )
+
+    parts = dict(
+        dim=dim,
+        vocab_size=vocab_size,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab_size, embedding_dim=dim, param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=dim, param_init=_NORM_INIT),
+        lm_head=Linear.Config(
+            in_features=dim, out_features=vocab_size,
+            param_init={"weight": nn.init.zeros_} if adaln else _output_init(dim),
+        ),
+        layers=[layer(i) for i in range(n_layers)],
+    )
+    if adaln:
+        parts["t_embedder"] = TimestepEmbedder.Config(dim=dim)
+        parts["final_adaln"] = Linear.Config(in_features=dim, out_features=2 * dim, bias=True, param_init=ZERO_INIT)
+    return parts
+
+
+def resolve_attn_backend(attn_backend: str) -> str:
+    """"auto" → "flex" when CUDA is available, else "sdpa"."""
+    if attn_backend == "auto":
+        return "flex" if torch.cuda.is_available() else "sdpa"
+    if attn_backend not in ("flex", "sdpa"):
+        raise ValueError(f"attn_backend must be 'auto', 'flex' or 'sdpa', got {attn_backend!r}.")
+    return attn_backend
+
+
+def flavor_kwargs(flavors: dict, flavor: str, vocab_size: int | None) -> dict:
+    if flavor not in flavors:
+        raise ValueError(f"unknown flavor {flavor!r}; choose one of {sorted(flavors)}.")
+    kwargs = dict(flavors[flavor])
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    return kwargs
