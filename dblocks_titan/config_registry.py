@@ -26,20 +26,27 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
-from dblocks_titan.models import dblocks_llama
+from dblocks_titan.data import CharTokenizer, Text8DataLoader
+from dblocks_titan.models import dblocks_llama, mdlm
+from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
-from dblocks_titan.trainer import DBlocksTrainer
+from dblocks_titan.trainer import DBlocksConfig, DBlocksTrainer
 
 ASSETS = Path(__file__).parent / "assets"
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
-MODELS = ("dblocks_llama", "llama3")
+MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm")
+MASKED_MODELS = ("dblocks_mdlm", "mdlm")
 
 
 def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> ModelSpec:
+    """AR: ``dblocks_llama`` and its titan twin ``llama3``. Masked diffusion: ``dblocks_mdlm`` and
+    its end-to-end baseline ``mdlm`` (always bidirectional SDPA: ``attn_backend`` is not used)."""
     if name == "dblocks_llama":
         model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
     elif name == "llama3":
         model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+    elif name in MASKED_MODELS:
+        model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size)
     else:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
     return ModelSpec(
@@ -54,7 +61,11 @@ def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_
 
 
 def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwargs) -> Trainer.Config:
-    """Settings shared by a DiffusionBlocks run and its e2e twin (same data, tokenizer, optimizer)."""
+    """Settings shared by a DiffusionBlocks run and its e2e twin (same data, tokenizer, optimizer).
+
+    AR models read the embedded corpus with the embedded BPE; masked-diffusion models read its
+    text8-style (a–z and space) version with the character tokenizer, and validate with the NELBO.
+    """
     model_spec = model_registry(name, flavor, **model_kwargs)
     common = dict(
         model_spec=model_spec,
@@ -74,9 +85,20 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
         activation_checkpoint=None,
         debug=DebugConfig(seed=0),  # reproducible initialisation: a run and its twin start alike
     )
-    if name == "dblocks_llama":
-        return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
-    return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+    if name in MASKED_MODELS:
+        common.update(
+            tokenizer=CharTokenizer.Config(),
+            training=TrainingConfig(local_batch_size=16, seq_len=256, steps=200, disable_cuda_graphs=True),
+            dataloader=Text8DataLoader.Config(dataset="shakespeare_text8"),
+            validator=NELBOValidator.Config(
+                enable=True, freq=100, steps=2,
+                dataloader=Text8DataLoader.Config(dataset="shakespeare_text8", split="validation", infinite=False),
+            ),
+            dblocks=DBlocksConfig(num_blocks=1 if name == "mdlm" else 3, gamma=0.05),
+        )
+    if name == "llama3":
+        return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+    return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
 
 
 def from_train_config(name: str) -> Trainer.Config:
@@ -99,3 +121,19 @@ def owt_dblocks() -> Trainer.Config:
 
 def owt_llama_baseline() -> Trainer.Config:
     return from_train_config("owt_llama_baseline")
+
+
+def debug_mdlm() -> Trainer.Config:
+    return from_train_config("debug_mdlm")
+
+
+def debug_dblocks_mdlm() -> Trainer.Config:
+    return from_train_config("debug_dblocks_mdlm")
+
+
+def text8_mdlm() -> Trainer.Config:
+    return from_train_config("text8_mdlm")
+
+
+def text8_dblocks() -> Trainer.Config:
+    return from_train_config("text8_dblocks")

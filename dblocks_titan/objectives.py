@@ -1,12 +1,20 @@
-"""The DiffusionBlocks objectives: corrupt a batch for one block, and score the result.
+"""The DiffusionBlocks objectives: corrupt a micro-batch for one block, run that block, score it.
 
-AR (METHOD.md §4, §6), per micro-batch of block b:
+Every objective is called as ``objective(model, inputs, labels, extra_kwargs, block=, generator=,
+global_valid_tokens=)`` and returns ``(loss to backpropagate, value to log)``, both sums over
+tokens divided by ``global_valid_tokens`` so titan's gradient accumulation and data-parallel
+normalisation stay exact.
+
+AR (METHOD.md §4, §6), for block b:
 1. ``σ_i`` ~ truncated log-normal inside block b's widened range, one per sample;
-2. ``ε ~ N(0, I)`` of shape [B, N, dim] (the model builds ``z = y + σ·ε`` from its own table);
-3. the model runs block b and returns logits at the noisy slots;
-4. loss ``Σ_i Σ_t w_i·CE_it / global_valid_tokens`` with ``w`` from the weighting option
-   (``none`` | ``per_sample`` | ``batch_mean``), so titan's gradient accumulation and
-   data-parallel token normalisation stay exact. The unweighted CE is returned for logging.
+2. ``ε ~ N(0, I)`` [B, N, dim] (the model builds ``z = y + σ·ε`` from its own embedding table);
+3. logits at the noisy slots; loss ``Σ_i Σ_t w_i·CE_it`` with ``w`` from the weighting option
+   (``none`` | ``per_sample`` | ``batch_mean``); the unweighted CE is logged.
+
+Masked diffusion (METHOD.md §7), for block b:
+1. ``t_i`` uniform (stratified across the batch) inside block b's widened t range;
+2. each token replaced by [MASK] with probability ``t_i`` (α(t) = 1 − t);
+3. loss = the NELBO integrand ``Σ_i (1/t_i)·Σ_{masked j} −log p(x_ij | x_t)`` (logged as is).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 
 from torchtitan.components.loss import IGNORE_INDEX
 
-from dblocks_titan.diffusion import EDMConfig, per_sample_weights, sample_sigma, Weighting
+from dblocks_titan.diffusion import EDMConfig, nelbo_weight, per_sample_weights, sample_sigma, sample_t, Weighting
 
 
 @dataclass
@@ -42,11 +50,69 @@ def ar_loss(
     logits: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, *, weighting: Weighting, edm: EDMConfig,
     global_valid_tokens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss to backpropagate, unweighted CE for logging), both summed over tokens and
-    divided by ``global_valid_tokens``. logits [B, N, V]; labels [B, N]; sigma [B]."""
+    """(weighted loss, unweighted CE). logits [B, N, V]; labels [B, N]; sigma [B]."""
     ce = F.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX
     ).view_as(labels)
     weights = per_sample_weights(sigma, weighting, edm)
     loss = (weights[:, None] * ce).sum() / global_valid_tokens
     return loss, ce.detach().sum() / global_valid_tokens
+
+
+@dataclass
+class MaskedCorruption:
+    x_t: torch.Tensor  # [B, N] with [MASK] where masked
+    t: torch.Tensor  # [B] fp32
+    masked: torch.Tensor  # [B, N] bool
+
+
+def masked_corrupt(
+    x: torch.Tensor, *, block: int, num_blocks: int, gamma: float, mask_id: int, generator: torch.Generator
+) -> MaskedCorruption:
+    """Absorbing corruption of the clean sequence ``x`` [B, N] at a t drawn for ``block``."""
+    t = sample_t(block, num_blocks, x.shape[0], gamma, generator=generator, antithetic=True, device=x.device)
+    masked = torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]
+    return MaskedCorruption(x_t=torch.where(masked, mask_id, x), t=t, masked=masked)
+
+
+def masked_nelbo(
+    logits: torch.Tensor, x: torch.Tensor, c: MaskedCorruption, *, global_valid_tokens: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_i (1/t_i)·Σ_{masked j} −log p_θ(x_ij | x_t) / global_valid_tokens``: the continuous-time
+    NELBO integrand at t (nats per token). logits [B, N, V] (SUBS); x [B, N]."""
+    nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    nll = torch.where(c.masked, nll, 0.0)  # unmasked positions carry their token: no loss
+    return (nelbo_weight(c.t)[:, None] * nll).sum() / global_valid_tokens
+
+
+class ARObjective:
+    def __init__(self, model_config, dblocks):
+        self.dim, self.db = model_config.dim, dblocks
+
+    def __call__(self, model, inputs, labels, extra_kwargs, *, block, generator, global_valid_tokens):
+        db = self.db
+        c = ar_corrupt(labels, block=block, num_blocks=db.num_blocks, gamma=db.gamma, dim=self.dim, edm=db.edm,
+                       generator=generator)
+        logits = model(inputs, **extra_kwargs, labels=labels, sigma=c.sigma, noise=c.noise, block=block)
+        return ar_loss(logits, labels, c.sigma, weighting=db.weighting, edm=db.edm,
+                       global_valid_tokens=global_valid_tokens)
+
+
+class MaskedDiffusionObjective:
+    """``labels`` is the clean sequence itself (the masked-diffusion loaders yield labels == input)."""
+
+    def __init__(self, model_config, dblocks):
+        self.mask_id, self.db = model_config.mask_id, dblocks
+
+    def __call__(self, model, inputs, labels, extra_kwargs, *, block, generator, global_valid_tokens):
+        c = masked_corrupt(labels, block=block, num_blocks=self.db.num_blocks, gamma=self.db.gamma,
+                           mask_id=self.mask_id, generator=generator)
+        logits = model(c.x_t, **extra_kwargs, t=c.t, block=block)
+        loss = masked_nelbo(logits, labels, c, global_valid_tokens=global_valid_tokens)
+        return loss, loss.detach()
+
+
+def build_objective(model_config, dblocks):
+    """The objective of a model: masked diffusion for models with a [MASK] id, else AR."""
+    cls = MaskedDiffusionObjective if hasattr(model_config, "mask_id") else ARObjective
+    return cls(model_config, dblocks)

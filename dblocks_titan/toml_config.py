@@ -26,8 +26,10 @@ from typing import Any
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config.manager import ConfigManager
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
+from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from dblocks_titan.data.datasets import check_dataset
+from dblocks_titan.data.text8 import CharTokenizer
 from dblocks_titan.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 
 if sys.version_info >= (3, 11):
@@ -128,7 +130,9 @@ def _apply(obj: Any, table: dict[str, Any], prefix: str, where: str) -> Any:
 def _apply_tokenizer(config, table: dict[str, Any], where: str) -> None:
     _check_keys(table, {"type", "path"}, "tokenizer", where)
     kind, path = table.get("type", "hf"), table.get("path")
-    if kind == "hf":
+    if kind == "char":
+        config.tokenizer = CharTokenizer.Config()
+    elif kind == "hf":
         config.tokenizer = HuggingFaceTokenizer.Config()
         if path is not None:
             config.hf_assets_path = path
@@ -137,7 +141,7 @@ def _apply_tokenizer(config, table: dict[str, Any], where: str) -> None:
     elif kind == "sentencepiece":
         config.tokenizer = SentencePieceTokenizer.Config(path=path)
     else:
-        raise TomlError(f"{where}: tokenizer.type must be 'hf', 'tiktoken' or 'sentencepiece', got {kind!r}")
+        raise TomlError(f"{where}: tokenizer.type must be 'hf', 'tiktoken', 'sentencepiece' or 'char', got {kind!r}")
 
 
 def _apply_optimizer(config, table: dict[str, Any], where: str) -> None:
@@ -189,7 +193,9 @@ def check_inputs(config) -> None:
             )
         loaders = [config.dataloader] + ([config.validator.dataloader] if config.validator.enable else [])
         for loader in loaders:
-            if hasattr(loader, "dataset"):
+            if hasattr(loader, "check"):  # loaders of this package check themselves
+                loader.check()
+            elif isinstance(loader, HuggingFaceTextDataLoader.Config):
                 check_dataset(loader.dataset, loader.dataset_path)
     except (OSError, ValueError, ImportError) as e:
         raise InputError(str(e)) from None

@@ -4,14 +4,16 @@ What it overrides, and nothing else:
 - ``train_step``: picks the step's block from the :class:`BlockSchedule` (same on every rank
   and micro-batch), then runs titan's step (gradient accumulation, clipping, optimizer, LR,
   logging, non-finite check); afterwards logs the block, its CE and a per-block running CE.
-- ``_forward_backward_body``: corrupts the micro-batch for that block, runs only its layers,
-  backpropagates the weighted loss and returns the unweighted CE for titan's loss log.
+- ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
+  masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
+  backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned.
 - ``state_dict``/``load_state_dict``: add the schedule's generator and the running losses.
 
 Inactive blocks never run, so their ``.grad`` stays ``None`` (titan zeroes grads with
 ``set_to_none`` when CUDA graphs are off, which DiffusionBlocks requires) and AdamW neither
-moves nor decays them. Validation is titan's Validator: calling the model without σ is
-next-token prediction at σ_max through block 0 (see ``DBlocksLlama.forward``).
+moves nor decays them. AR validation is titan's Validator (calling the model without σ is
+next-token prediction at σ_max through block 0, see ``DBlocksLlama.forward``); masked diffusion
+validates with :class:`dblocks_titan.nelbo.NELBOValidator`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torchtitan.trainer import Trainer
 from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
 from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.block_denoiser import check_num_blocks
-from dblocks_titan.objectives import ar_corrupt, ar_loss
+from dblocks_titan.objectives import build_objective
 from dblocks_titan.toml_config import check_inputs
 
 
@@ -66,7 +68,7 @@ class DBlocksConfig:
     seed: int = 0
     """Seed of the block schedule (same on every rank) and of the noise (offset per rank)."""
     running_loss_decay: float = 0.9
-    """EMA decay of the per-block running CE that is logged."""
+    """EMA decay of the per-block running loss that is logged."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     def __post_init__(self):
@@ -106,14 +108,15 @@ class DBlocksTrainer(Trainer):
         check_inputs(config)  # bad paths / vocab fail here, before the model is built
         super().__init__(config)
         init_optimizer_states(self.optimizers)
+        self.objective = build_objective(self.model_config, config.dblocks)
         db = config.dblocks
         self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
             num_blocks=db.num_blocks, total_steps=config.training.steps
         )
         self.block = 0
-        self.running_ce: dict[int, float] = {}
-        self.first_ce: dict[int, float] = {}
-        self._step_ce = torch.zeros((), device=self.device)
+        self.running_loss: dict[int, float] = {}
+        self.first_loss: dict[int, float] = {}
+        self._step_loss = torch.zeros((), device=self.device)
         self._microbatch = 0
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._rank = rank
@@ -125,7 +128,7 @@ class DBlocksTrainer(Trainer):
 
     def train_step(self, data_iterator):
         self.block = self.schedule.next()
-        self._step_ce.zero_()
+        self._step_loss.zero_()
         self._microbatch = 0
         super().train_step(data_iterator)
         self._log_block_step()
@@ -137,45 +140,35 @@ class DBlocksTrainer(Trainer):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def _forward_backward_body(self, inputs, labels, global_valid_tokens, extra_kwargs):
-        db = self.config.dblocks
-        corruption = ar_corrupt(
-            labels, block=self.block, num_blocks=db.num_blocks, gamma=db.gamma, dim=self.model_config.dim,
-            edm=db.edm, generator=self._noise_generator(),
-        )
         with self.train_context():
-            logits = self.model_parts[0](
-                inputs, **extra_kwargs, labels=labels, sigma=corruption.sigma, noise=corruption.noise,
-                block=self.block,
+            loss, logged = self.objective(
+                self.model_parts[0], inputs, labels, extra_kwargs, block=self.block,
+                generator=self._noise_generator(), global_valid_tokens=global_valid_tokens,
             )
-            loss, ce = ar_loss(
-                logits, labels, corruption.sigma, weighting=db.weighting, edm=db.edm,
-                global_valid_tokens=global_valid_tokens,
-            )
-            del logits
             loss.backward()
-        self._step_ce += ce
-        return ce
+        self._step_loss += logged
+        return logged
 
     # -- per-block logging -----------------------------------------------------------------
 
     def _log_block_step(self) -> None:
-        ce = self._step_ce
+        loss = self._step_loss
         if self.parallel_dims.dp_cp_enabled:
-            ce = dist_utils.dist_sum(ce, self.parallel_dims.get_optional_mesh("loss"))
-        ce = float(ce)
-        if not math.isfinite(ce):
-            raise RuntimeError(f"Loss is not finite (ce={ce}) at step {self.step}, block {self.block}. Stopping training.")
+            loss = dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss"))
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"Loss is not finite ({loss}) at step {self.step}, block {self.block}. Stopping training.")
         b, decay = self.block, self.config.dblocks.running_loss_decay
-        self.first_ce.setdefault(b, ce)
-        self.running_ce[b] = ce if b not in self.running_ce else decay * self.running_ce[b] + (1 - decay) * ce
-        self._write_trace({"step": self.step, "block": b, "ce": ce})
+        self.first_loss.setdefault(b, loss)
+        self.running_loss[b] = loss if b not in self.running_loss else decay * self.running_loss[b] + (1 - decay) * loss
+        self._write_trace({"step": self.step, "block": b, "loss": loss})
         if not self.metrics_processor.should_log(self.step):
             return
-        metrics = {"dblocks/block": b, "dblocks/ce": ce}
-        metrics.update({f"dblocks/running_ce_block{k}": v for k, v in sorted(self.running_ce.items())})
+        metrics = {"dblocks/block": b, "dblocks/loss": loss}
+        metrics.update({f"dblocks/running_loss_block{k}": v for k, v in sorted(self.running_loss.items())})
         self.metrics_processor.logger.log(metrics, self.step)
-        running = "  ".join(f"b{k}={v:.3f}" for k, v in sorted(self.running_ce.items()))
-        logger.info(f"step: {self.step:2}  block: {b}  ce: {ce:.4f}  running ce per block: {running}")
+        running = "  ".join(f"b{k}={v:.3f}" for k, v in sorted(self.running_loss.items()))
+        logger.info(f"step: {self.step:2}  block: {b}  loss: {loss:.4f}  running loss per block: {running}")
 
     def _write_trace(self, record: dict) -> None:
         """Append to ``dump_folder/dblocks_trace/rank<r>.jsonl``. A fresh run (step 1) finding an old
@@ -190,9 +183,9 @@ class DBlocksTrainer(Trainer):
 
     def train(self):
         super().train()
-        for b in sorted(self.running_ce):
+        for b in sorted(self.running_loss):
             logger.info(
-                f"dblocks summary: block {b}: first ce {self.first_ce[b]:.4f} -> running ce {self.running_ce[b]:.4f}"
+                f"dblocks summary: block {b}: first loss {self.first_loss[b]:.4f} -> running loss {self.running_loss[b]:.4f}"
             )
 
     # -- checkpointed state ----------------------------------------------------------------
@@ -201,12 +194,12 @@ class DBlocksTrainer(Trainer):
         return {
             **super().state_dict(),
             "block_schedule": self.schedule.state_dict(),
-            "running_ce": dict(self.running_ce),
-            "first_ce": dict(self.first_ce),
+            "running_loss": dict(self.running_loss),
+            "first_loss": dict(self.first_loss),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]):
         super().load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict["block_schedule"])
-        self.running_ce = {int(k): float(v) for k, v in state_dict.get("running_ce", {}).items()}
-        self.first_ce = {int(k): float(v) for k, v in state_dict.get("first_ce", {}).items()}
+        self.running_loss = {int(k): float(v) for k, v in state_dict.get("running_loss", {}).items()}
+        self.first_loss = {int(k): float(v) for k, v in state_dict.get("first_loss", {}).items()}

@@ -9,6 +9,7 @@ Importing this package registers ``shakespeare``, ``owt``, ``lm1b`` and their ``
 from pathlib import Path
 
 from .datasets import register_datasets
+from .text8 import CharTokenizer, Text8DataLoader, normalize, read_text8
 from .tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 
 TOKENIZER_DIR = str(Path(__file__).resolve().parents[1] / "assets/tokenizer")
@@ -16,4 +17,13 @@ TOKENIZER_DIR = str(Path(__file__).resolve().parents[1] / "assets/tokenizer")
 
 register_datasets()
 
-__all__ = ["TOKENIZER_DIR", "SentencePieceTokenizer", "TiktokenTokenizer", "register_datasets"]
+__all__ = [
+    "TOKENIZER_DIR",
+    "CharTokenizer",
+    "SentencePieceTokenizer",
+    "Text8DataLoader",
+    "TiktokenTokenizer",
+    "normalize",
+    "read_text8",
+    "register_datasets",
+]

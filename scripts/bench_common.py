@@ -1,0 +1,649 @@
+"""Shared pieces of ``bench_memory.py`` and ``bench_throughput.py`` (single process, no FSDP).
+
+1. Models: :func:`build_model` builds the DiffusionBlocks decoder (``dblocks_llama``) or titan's
+   e2e ``Llama3Model`` twin of the same flavor, fp32, on the bench device, with every
+   zero-initialised parameter (adaLN, final adaLN, DB head) given small random values so that
+   no gradient is structurally zero and autograd skips no work.
+2. Steps: :class:`DBStep` does what ``DBlocksTrainer._forward_backward_body`` does (``ar_corrupt``
+   → ``model(..., block=b)`` → ``ar_loss``); :class:`E2EStep` does what titan's ``Trainer`` does
+   for the twin (``_skip_lm_head`` + ``ChunkedLossWrapper(CrossEntropyLoss)``, 8 chunks, the
+   recipe of ``config_registry.recipe("llama3")``). Both then take titan's AdamW step
+   (``default_adamw``: betas (0.9, 0.95), wd 0.1, fused implementation) after grad clipping.
+3. :class:`SavedTensorAccountant`: exact bytes autograd keeps for backward (see its docstring).
+4. Report helpers: machine description, Markdown tables, bar charts.
+
+Run the scripts from the repository root: ``.venv/bin/python scripts/bench_memory.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import platform
+import shlex
+import subprocess
+import sys
+import weakref
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import dblocks_titan  # noqa: F401  (CPU / version patches; import before torchtitan)
+import torch
+import torch.nn.functional as F  # noqa: F401
+import torchtitan
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy
+
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+from torchtitan.components.optimizer import default_adamw
+from torchtitan.distributed import activation_checkpoint as titan_ac
+
+from dblocks_titan.diffusion import EDMConfig
+from dblocks_titan.models.dblocks_llama import baseline_config, flavor_config
+from dblocks_titan.objectives import ar_corrupt, ar_loss
+from dblocks_titan.trainer import init_optimizer_states
+
+GAMMA = 0.1  # dblocks.gamma of every shipped config
+LR = 1e-3  # config_registry.recipe's optimizer
+MAX_NORM = 1.0  # titan's training.max_norm default
+CE_CHUNKS = 8  # ChunkedLossWrapper.Config.num_chunks default (the twin's recipe)
+
+
+# --------------------------------------------------------------------------------------------
+# Device and machine
+# --------------------------------------------------------------------------------------------
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_lines(device: torch.device) -> list[str]:
+    import os
+
+    lines = [
+        f"- CPU: {cpu_model_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"- torch {torch.__version__}, torchtitan {getattr(torchtitan, '__version__', '0.3.0')}, "
+        f"Python {platform.python_version()}",
+    ]
+    if device.type == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
+    else:
+        lines.append("- device: CPU (no GPU)")
+    return lines
+
+
+def command_line() -> str:
+    return ".venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Models and steps
+# --------------------------------------------------------------------------------------------
+
+
+def model_config(kind: str, flavor: str, *, seq: int, num_blocks: int = 1, attn_backend: str = "auto",
+                 vocab_size: int | None = None):
+    """kind "db" → DBlocksLlama.Config with ``num_blocks``; "e2e" → titan Llama3Model.Config.
+
+    The RoPE table is sized as the Trainer sizes it (``update_from_config``): ``seq`` positions
+    for the twin, ``seq + 1`` for DiffusionBlocks (noisy slot i sits at position pos_i + 1), not
+    the flavor's 131072 (a 16 MiB buffer per layer at head_dim 32).
+    """
+    if kind == "db":
+        cfg = flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+        n_layers = len(cfg.layers)
+        if num_blocks < 1 or n_layers % num_blocks:
+            raise ValueError(f"num_blocks={num_blocks} must divide n_layers={n_layers} of flavor {flavor!r}.")
+        cfg.num_blocks = num_blocks
+        rope_len = seq + 1
+    elif kind == "e2e":
+        cfg = baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+        rope_len = seq
+    else:
+        raise ValueError(f"kind must be 'db' or 'e2e', got {kind!r}.")
+    for layer in cfg.layers:
+        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=rope_len)
+    return cfg
+
+
+def randomize_zero_params(model: nn.Module, std: float = 0.02, seed: int = 0) -> list[str]:
+    """Give every all-zero parameter (zero-init adaLN/head, zero biases) N(0, std²) values.
+
+    A zero adaLN gate multiplies the attention/MLP branch by 0 and a zero head makes every
+    logit 0: autograd would still run, but the numbers would not be those of a trained model.
+    Returns the names of the parameters changed.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    changed = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                changed.append(name)
+    return changed
+
+
+def build_model(cfg, device: torch.device, *, ac: str = "none", seed: int = 0) -> nn.Module:
+    """Build on meta → materialise fp32 on ``device`` → init → randomise zero-inits → apply AC.
+
+    ac: "none" | "selective" | "full" — titan's SelectiveAC / FullAC wrapping each ``model.layers``
+    child, exactly as ``parallelize_llama`` applies them.
+    """
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = cfg.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()
+    randomize_zero_params(model, seed=seed)
+    if ac == "selective":
+        titan_ac.SelectiveAC.Config().build(dump_folder="").apply(model)
+    elif ac == "full":
+        titan_ac.FullAC.Config().build(dump_folder="").apply(model)
+    elif ac != "none":
+        raise ValueError(f"ac must be none | selective | full, got {ac!r}.")
+    model.train()
+    return model
+
+
+def build_optimizer(model: nn.Module, *, init_all_states: bool):
+    """titan's AdamW container (``default_adamw``, as ``config_registry.recipe``).
+
+    ``init_all_states``: what ``DBlocksTrainer.__init__`` does — every parameter gets its AdamW
+    state up front (``init_optimizer_states``), whichever blocks will train.
+    """
+    opt = default_adamw(lr=LR).build(model_parts=[model])
+    if init_all_states:
+        init_optimizer_states(opt)
+    return opt
+
+
+def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int = 0):
+    """Random tokens [batch, seq+1] → (inputs, labels) = (x[:, :-1], x[:, 1:]), like titan's loader."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+class Step:
+    """One training step of a model: ``loss(block)`` (forward + loss, returns the loss to
+    backpropagate; chunked losses may have run part of the backward already), then
+    ``backward(loss)`` and ``optimizer_step()``."""
+
+    name: str
+    model: nn.Module
+    optimizer: object
+    active_layers: int
+    """Transformer layers that run in one step (L for e2e, L/B for DB)."""
+    positions_per_token: int
+    """Sequence positions each layer processes per input token (1 for e2e, 2 for DB AR)."""
+
+    def loss(self, block: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    amp_dtype: torch.dtype | None = None
+    """Autocast dtype of the forward + loss (None: fp32). The weights and AdamW stay fp32."""
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.inputs.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, block: int = 0) -> float:
+        with self.autocast():
+            loss = self.loss(block)
+        self.backward(loss)
+        self.optimizer_step()
+        return float(loss.detach())
+
+    def flops_per_token(self, seq: int) -> int:
+        """titan's count (the model config's ``get_nparams_and_flops``), as the Trainer logs MFU."""
+        return self.model_cfg.get_nparams_and_flops(self.model, seq)[1]
+
+    def linear_flops_per_token(self) -> int:
+        """Exact matmul FLOPs per input token of the linear layers: 6 · (weights of the active layers ×
+        positions per token + head). Excludes attention scores, and DB's adaLN / time-embedder linears,
+        which run once per sample, not per position (negligible)."""
+        layer = self.model.layers["0"]
+        per_layer = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 2 and "adaln" not in n)
+        return 6 * (self.active_layers * self.positions_per_token * per_layer + self.model.lm_head.weight.numel())
+
+
+class DBStep(Step):
+    """``DBlocksTrainer._forward_backward_body`` without the Trainer: corrupt → one block → loss."""
+
+    def __init__(self, model, cfg, inputs, labels, *, weighting: str = "batch_mean", seed: int = 0):
+        self.model, self.model_cfg = model, cfg
+        self.inputs, self.labels = inputs, labels
+        self.num_blocks = cfg.num_blocks
+        self.active_layers = len(cfg.layers) // cfg.num_blocks
+        self.positions_per_token = 2
+        self.weighting = weighting
+        self.edm = EDMConfig()
+        self.seed = seed
+        self._calls = 0
+        self.gvt = torch.tensor(labels.numel(), device=labels.device)
+
+    def loss(self, block: int = 0) -> torch.Tensor:
+        gen = torch.Generator(device=self.labels.device).manual_seed(self.seed * 100003 + self._calls)
+        self._calls += 1
+        c = ar_corrupt(self.labels, block=block, num_blocks=self.num_blocks, gamma=GAMMA, dim=self.model_cfg.dim,
+                       edm=self.edm, generator=gen)
+        logits = self.model(self.inputs, labels=self.labels, sigma=c.sigma, noise=c.noise, block=block)
+        loss, _ = ar_loss(logits, self.labels, c.sigma, weighting=self.weighting, edm=self.edm,
+                          global_valid_tokens=self.gvt)
+        return loss
+
+
+class E2EStep(Step):
+    """titan ``Trainer._forward_backward_body`` for the llama3 twin: hidden states, then
+    ``ChunkedLossWrapper`` (lm_head + CE per chunk, each chunk's backward run inside the call)."""
+
+    def __init__(self, model, cfg, inputs, labels, *, chunked: bool = True):
+        self.model, self.model_cfg = model, cfg
+        self.inputs, self.labels = inputs, labels
+        self.active_layers = len(cfg.layers)
+        self.positions_per_token = 1
+        self.chunked = chunked
+        self.gvt = torch.tensor(labels.numel(), device=labels.device)
+        if chunked:
+            self.loss_fn = ChunkedLossWrapper.Config(num_chunks=CE_CHUNKS, loss_fn=CrossEntropyLoss.Config()).build()
+            self.loss_fn.set_lm_head(model.lm_head)
+            model._skip_lm_head = True
+        else:
+            self.loss_fn = CrossEntropyLoss.Config().build()
+
+    def loss(self, block: int = 0) -> torch.Tensor:
+        pred = self.model(self.inputs)
+        loss, _ = self.loss_fn(pred, self.labels, self.gvt)
+        return loss
+
+
+def make_step(kind: str, flavor: str, device: torch.device, *, batch: int, seq: int, num_blocks: int = 1,
+              ac: str = "none", attn_backend: str = "auto", vocab_size: int | None = None, chunked_ce: bool = True,
+              seed: int = 0) -> Step:
+    cfg = model_config(kind, flavor, seq=seq, num_blocks=num_blocks, attn_backend=attn_backend, vocab_size=vocab_size)
+    model = build_model(cfg, device, ac=ac, seed=seed)
+    inputs, labels = make_batch(batch, seq, cfg.vocab_size, device, seed=seed)
+    if kind == "db":
+        step = DBStep(model, cfg, inputs, labels, seed=seed)
+    else:
+        step = E2EStep(model, cfg, inputs, labels, chunked=chunked_ce)
+    step.optimizer = build_optimizer(model, init_all_states=(kind == "db"))
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Byte counts of model state
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the unique storages behind ``tensors`` (views and repeats counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
+
+
+def param_bytes(model: nn.Module) -> int:
+    return tensor_bytes(model.parameters())
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer, params: Iterable[torch.Tensor] | None = None) -> int:
+    """Bytes of every tensor in the optimizer state (exp_avg, exp_avg_sq, step), optionally
+    restricted to the states of ``params``."""
+    wanted = None if params is None else {id(p) for p in params}
+    tensors = []
+    for opt in optimizer:  # titan's container iterates its torch optimizers
+        for p, state in opt.state.items():
+            if wanted is not None and id(p) not in wanted:
+                continue
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    return tensor_bytes(tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Saved-tensor accounting
+# --------------------------------------------------------------------------------------------
+
+
+class _Saved:
+    """What a pack hook returns: a detached alias of the saved tensor (a detached alias keeps the
+    storage alive without creating a reference cycle through the tensor's ``grad_fn``). It lives
+    exactly as long as autograd keeps the saved tensor, which a finalizer reports."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class SavedTensorAccountant:
+    """Exact bytes that autograd keeps alive for backward, counted by unique storage.
+
+    Inside ``with acct:`` every tensor that autograd saves goes through
+    ``torch.autograd.graph.saved_tensors_hooks``:
+
+    1. A saved tensor whose storage is a parameter's or a buffer's (the weight an ``mm`` saves,
+       its ``.t()`` view, RoPE's ``freqs_cis``) is NOT an activation: that memory is resident
+       anyway and is counted in the parameter column. Its bytes go to ``excluded_bytes`` only.
+    2. Any other saved tensor is keyed by ``untyped_storage().data_ptr()``. The storage's full
+       ``nbytes()`` is counted once while at least one saved reference to it is alive (a tensor
+       saved twice, or a view of a saved tensor, costs nothing extra; a view keeps its whole
+       storage alive, so the whole storage is what it costs).
+    3. A saved reference dies when autograd frees it (after its node's backward, or when the graph
+       is dropped); ``live_bytes`` drops then. ``peak_bytes`` is the maximum of ``live_bytes``:
+       for a plain forward it is the total at the end of the forward; with titan's
+       ``ChunkedLossWrapper`` (whose chunks run their own backward inside the loss call) it
+       counts one chunk's logits at a time, as a real step does.
+    4. Activation checkpointing: inside a checkpointed region torch's own (inner) hooks take
+       over, so what counts is what checkpointing really keeps: the region's inputs (saved by
+       ``_NoopSaveInputs`` outside the inner hooks) and, for selective AC, the op outputs its
+       policy decides to save — reported through :func:`counting_sac_policy`, live until the
+       accountant exits (they are freed during the backward, after the window that matters).
+       Recomputation during the backward is not a saved tensor and is not counted.
+    5. With ``track_modules(model)`` each storage is tagged with the module whose forward was
+       running when it was FIRST saved (``""`` = the model's own forward body, ``None`` = outside
+       any module, e.g. the loss) → ``peak_by_tag``: the live bytes per tag at the peak.
+
+    The count depends only on shapes, dtypes and which ops run, so it is the same on CPU and GPU
+    for the same kernels (SDPA picks different kernels per device: see the reports).
+    """
+
+    current: "SavedTensorAccountant | None" = None
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (),
+                 refine_tag: Callable[[torch.Tensor, str | None], str | None] | None = None):
+        """exclude: tensors whose storages are not activations (parameters, buffers).
+        refine_tag(tensor, module_tag) → tag: optional re-labelling of a storage when first saved."""
+        self._excluded_ptrs = {t.untyped_storage().data_ptr() for t in exclude}
+        self._excluded_seen: set[int] = set()
+        self._refine_tag = refine_tag
+        self._refs: dict[int, int] = defaultdict(int)  # storage ptr → live saved references
+        self._nbytes: dict[int, int] = {}
+        self._tag_of: dict[int, str | None] = {}
+        self._pinned: list[torch.Tensor] = []
+        self._module_stack: list[str] = []
+        self._hook_handles: list = []
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.excluded_bytes = 0
+        """Unique bytes of parameter/buffer storages that were saved (not counted as activations)."""
+        self.packed_count = 0
+        """Saved references counted (parameters/buffers excluded; repeats included)."""
+        self.peak_by_tag: dict[str | None, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kwargs) -> "SavedTensorAccountant":
+        return cls(exclude=list(model.parameters()) + list(model.buffers()), **kwargs)
+
+    # -- tagging ----------------------------------------------------------------------------
+
+    def track_modules(self, model: nn.Module) -> "SavedTensorAccountant":
+        """Tag saved storages with the innermost running module (AC wrapper names stripped)."""
+        for name, module in model.named_modules():
+            clean = name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+
+            def pre(_m, _args, _name=clean):
+                self._module_stack.append(_name)
+
+            def post(_m, _args, _out, _name=clean):
+                if self._module_stack and self._module_stack[-1] == _name:
+                    self._module_stack.pop()
+
+            self._hook_handles.append(module.register_forward_pre_hook(pre))
+            self._hook_handles.append(module.register_forward_hook(post, always_call=True))
+        return self
+
+    def _current_tag(self) -> str | None:
+        return self._module_stack[-1] if self._module_stack else None
+
+    # -- counting ---------------------------------------------------------------------------
+
+    def _add(self, t: torch.Tensor) -> int | None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._excluded_ptrs:
+            if ptr not in self._excluded_seen:  # unique storages, like the activations
+                self._excluded_seen.add(ptr)
+                self.excluded_bytes += storage.nbytes()
+            return None
+        self.packed_count += 1
+        if self._refs[ptr] == 0:
+            self._nbytes[ptr] = storage.nbytes()
+            tag = self._current_tag()
+            if self._refine_tag is not None:
+                tag = self._refine_tag(t, tag)
+            self._tag_of[ptr] = tag
+            self.live_bytes += self._nbytes[ptr]
+            if self.live_bytes > self.peak_bytes:
+                self.peak_bytes = self.live_bytes
+                self._snapshot_tags()
+        self._refs[ptr] += 1
+        return ptr
+
+    def _release(self, ptr: int) -> None:
+        self._refs[ptr] -= 1
+        if self._refs[ptr] == 0:
+            self.live_bytes -= self._nbytes.pop(ptr)
+            self._tag_of.pop(ptr, None)
+            del self._refs[ptr]
+
+    def _snapshot_tags(self) -> None:
+        # Cheap enough: called only when a new peak is reached.
+        by_tag: dict[str | None, int] = defaultdict(int)
+        for ptr, n in self._nbytes.items():
+            by_tag[self._tag_of[ptr]] += n
+        self.peak_by_tag = dict(by_tag)
+
+    def _pack(self, t: torch.Tensor):
+        ptr = self._add(t)
+        if ptr is None:
+            return t  # a parameter or buffer: resident anyway
+        handle = _Saved(t.detach())
+        weakref.finalize(handle, self._release, ptr)
+        return handle
+
+    @staticmethod
+    def _unpack(handle):
+        return handle.tensor if isinstance(handle, _Saved) else handle
+
+    def add_pinned(self, out) -> None:
+        """Count tensors kept by another mechanism (selective AC's cache) until ``__exit__``."""
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and self._add(t) is not None:
+                self._pinned.append(t.detach())
+
+    # -- context ----------------------------------------------------------------------------
+
+    def __enter__(self):
+        if SavedTensorAccountant.current is not None:
+            raise RuntimeError("SavedTensorAccountant windows cannot nest.")
+        SavedTensorAccountant.current = self
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        SavedTensorAccountant.current = None
+        for t in self._pinned:
+            self._release(t.untyped_storage().data_ptr())
+        self._pinned.clear()
+        return False
+
+    def remove_module_hooks(self) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+
+def counting_sac_policy(policy_fn: Callable) -> Callable:
+    """Wrap a selective-AC policy so the op outputs it saves are counted by the accountant."""
+
+    def policy(ctx, func, *args, **kwargs):
+        decision = policy_fn(ctx, func, *args, **kwargs)
+        if isinstance(decision, bool):
+            decision = CheckpointPolicy.MUST_SAVE if decision else CheckpointPolicy.PREFER_RECOMPUTE
+        acct = SavedTensorAccountant.current
+        if acct is not None and not ctx.is_recompute and decision in (
+            CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE
+        ):
+            acct.add_pinned(ctx.op_output)
+        return decision
+
+    return policy
+
+
+@contextlib.contextmanager
+def count_selective_ac():
+    """While active, titan's SelectiveAC reports the outputs it saves to the accountant.
+
+    ``SelectiveAC._wrap_block`` calls the module-level ``create_selective_checkpoint_contexts``
+    of ``torchtitan.distributed.activation_checkpoint`` on every forward; this swaps in a version
+    whose policy is wrapped by :func:`counting_sac_policy`. Bench-only; nothing in the product
+    changes.
+    """
+    original = titan_ac.create_selective_checkpoint_contexts
+
+    def wrapped(policy_fn, *args, **kwargs):
+        return original(counting_sac_policy(policy_fn), *args, **kwargs)
+
+    titan_ac.create_selective_checkpoint_contexts = wrapped
+    try:
+        yield
+    finally:
+        titan_ac.create_selective_checkpoint_contexts = original
+
+
+class PeakTensorTracker(TorchDispatchMode):
+    """Peak bytes of all live tensor storages over a window (forward + backward + optimizer step).
+
+    ``resident`` tensors (parameters, buffers, optimizer state, the batch) are alive throughout and
+    counted once at entry; then every storage that an op creates inside the window is counted
+    while it lives (a weak reference to the storage reports its release). Device independent: the
+    CPU counterpart of ``torch.cuda.max_memory_allocated`` without the allocator's rounding and
+    caching. Storages made outside the dispatcher and not listed as resident (none in a plain
+    training step) are not seen.
+    """
+
+    def __init__(self, resident: Iterable[torch.Tensor]):
+        super().__init__()
+        resident = list(resident)
+        self._resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.resident_bytes = tensor_bytes(resident)
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
+        self.live_bytes = self.peak_bytes = self.resident_bytes
+
+    def _free(self, ptr: int, _ref) -> None:
+        entry = self._live.pop(ptr, None)
+        if entry is not None:
+            self.live_bytes -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+                if ptr == 0 or ptr in self._live or ptr in self._resident:
+                    continue
+                n = st.nbytes()
+                self._live[ptr] = (n, weakref.ref(st, functools.partial(self._free, ptr)))
+                self.live_bytes += n
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def mib(n: float | None) -> str:
+    return "—" if n is None else f"{n / 2**20:,.2f}"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Placeholder:
+    """A row that does not exist yet (its model or mode is not implemented)."""
+
+    reason: str
+
+
+def bar_chart(path: str, labels: list[str], series: dict[str, list[float]], *, ylabel: str, title: str,
+              hline: float | None = None, stacked: bool = False, annotations: list[str] | None = None) -> None:
+    """Grouped (or stacked) bars, one group per label. Needs matplotlib (the ``bench`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(labels) + 2), 4.8))
+    xs = range(len(labels))
+    width = 0.8 if stacked else 0.8 / max(n, 1)
+    bottom = [0.0] * len(labels)
+    for i, (name, values) in enumerate(series.items()):
+        if stacked:
+            ax.bar(xs, values, width, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        else:
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width, label=name)
+    if annotations:
+        tops = bottom if stacked else [max(v) for v in zip(*series.values())]
+        for x, top, text in zip(xs, tops, annotations):
+            ax.annotate(text, (x, top), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    if hline is not None:
+        ax.axhline(hline, color="k", lw=0.8, ls="--")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
