@@ -23,83 +23,90 @@ from dblocks_titan.diffusion import block_t_range, T_MIN, t_to_block
 
 
 @torch.no_grad()
-def nelbo_per_block(
-    model, x: torch.Tensor, *, num_blocks: int, mask_id: int, t_samples: int, generator: torch.Generator
+def nelbo_per_range(
+    model, x: torch.Tensor, *, num_ranges: int, mask_id: int, t_samples: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Σ over the sequences of ``x`` [B, N] of each block's share of the NELBO (nats) → [num_blocks].
+    """Σ over the sequences of ``x`` [B, N] of the NELBO (nats) over each of ``num_ranges`` equal t
+    ranges → [num_ranges]; range r is block r's range of a B = ``num_ranges`` cut (r = 0: t near 1).
 
-    Block b: ``∫_lo^hi f(t) dt ≈ (hi−lo)/K·Σ_k f(t_k)``, ``t_k = lo + (hi−lo)·(k + u_k)/K`` (one
-    uniform u_k per sequence: stratified), ``f(t) = (1/t)·Σ_masked −log p``.
+    Range r = [lo, hi]: ``∫_lo^hi f(t) dt ≈ (hi−lo)/K·Σ_k f(t_k)``, ``t_k = lo + (hi−lo)·(k + u_k)/K``
+    (one uniform u_k per sequence: stratified), ``f(t) = (1/t)·Σ_masked −log p``; each t is run by
+    the block of the model that owns it (``num_ranges`` must be a multiple of the model's B, so a
+    range never straddles two blocks).
     """
+    if num_ranges % model.num_blocks:
+        raise ValueError(f"the NELBO's t ranges ({num_ranges}) must be a multiple of the model's blocks ({model.num_blocks})")
     batch = x.shape[0]
-    out = torch.zeros(num_blocks, dtype=torch.float64, device=x.device)
-    for block in range(num_blocks):
-        lo, hi = block_t_range(block, num_blocks)
+    out = torch.zeros(num_ranges, dtype=torch.float64, device=x.device)
+    for r in range(num_ranges):
+        lo, hi = block_t_range(r, num_ranges)
+        block = r * model.num_blocks // num_ranges
         for k in range(t_samples):
             u = torch.rand(batch, generator=generator, device=x.device)
             t = (lo + (hi - lo) * (k + u) / t_samples).clamp_min(T_MIN)
-            assert bool((t_to_block(t, num_blocks) == block).all()), "t must be evaluated by its owning block"
+            assert bool((t_to_block(t, model.num_blocks) == block).all()), "t must be evaluated by its owning block"
             masked = torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]
             x_t = torch.where(masked, mask_id, x)
             logits = model(x_t, t=t, block=block)
             nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
             per_seq = torch.where(masked, nll, 0.0).sum(-1) / t
-            out[block] += (hi - lo) / t_samples * per_seq.double().sum()
+            out[r] += (hi - lo) / t_samples * per_seq.double().sum()
     return out
 
 
 class NELBOValidator(Validator):
     """titan Validator for masked-diffusion models: logs the NELBO in nats/token as ``loss``, plus
     bits per token (= BPC for a character-level tokenizer), the perplexity bound, and each block's
-    contribution. Evaluates the first ``steps`` batches of its split, so the number is comparable
-    across validations and runs."""
+    t range's share (one range per block unless ``t_ranges`` says otherwise). Evaluates the first
+    ``steps`` batches of its split (``-1``: the whole split), with fixed masks and t, so the number is
+    comparable across validations and runs."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(Validator.Config):
         t_samples: int = 8
-        """Stratified t per sequence per block."""
+        """Stratified t per sequence per t range."""
         seed: int = 1234
         """Seed of the masks and t draws (fixed: every validation sees the same corruption)."""
-
-    def __init__(self, config: Config, **kwargs):
-        if config.steps < 1:
-            raise ValueError("validator.steps must be >= 1 for the NELBO validator (a fixed number of batches).")
-        super().__init__(config, **kwargs)
+        t_ranges: int = 0
+        """Report the NELBO split over this many equal t ranges (0: one per block of the model). An
+        end-to-end baseline set to its DiffusionBlocks twin's B reports comparable per-range shares."""
 
     def validate(self, model_parts, step: int) -> dict[str, float]:
         model = model_parts[0]
         model.eval()
         device = next(model.parameters()).device
-        num_blocks, mask_id = model.num_blocks, model.mask_id
+        num_ranges = self.config.t_ranges or model.num_blocks
         generator = torch.Generator(device=device).manual_seed(self.config.seed + self.dp_rank)
         loader = self.dl_config.build(
             dp_world_size=self.dp_world_size, dp_rank=self.dp_rank, tokenizer=self.tokenizer,
             seq_len=self.seq_len, local_batch_size=self.local_batch_size,
         )
-        totals = torch.zeros(num_blocks, dtype=torch.float64, device=device)
+        totals = torch.zeros(num_ranges, dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.float64, device=device)
-        batches = iter(loader)
         with self.validation_context():
-            for _ in range(self.config.steps):
-                input_dict, _ = next(batches)
+            for i, (input_dict, _) in enumerate(loader):
+                if i == self.config.steps:
+                    break
                 x = input_dict["input"].to(device)
-                totals += nelbo_per_block(model, x, num_blocks=num_blocks, mask_id=mask_id,
+                totals += nelbo_per_range(model, x, num_ranges=num_ranges, mask_id=model.mask_id,
                                           t_samples=self.config.t_samples, generator=generator)
                 tokens += x.numel()
         if self.parallel_dims.dp_enabled:
             mesh = self.parallel_dims.get_mesh("batch")
             totals = dist_utils.dist_sum_tensor(totals, mesh)
             tokens = dist_utils.dist_sum_tensor(tokens, mesh)
-        per_block = (totals / tokens).tolist()
-        nelbo = sum(per_block)
+        per_range = (totals / tokens).tolist()
+        nelbo = sum(per_range)
         metrics = {
             "validation_metrics/bits_per_token": nelbo / math.log(2),
             "validation_metrics/ppl_bound": math.exp(nelbo),
-            **{f"validation_metrics/nelbo_block{b}": v for b, v in enumerate(per_block)},
+            **{f"validation_metrics/nelbo_range{b}": v for b, v in enumerate(per_range)},
         }
         self.metrics_processor.log_validation(loss=nelbo, step=step, extra_metrics=metrics)
-        blocks = "  ".join(f"b{b}={v / math.log(2):.4f}" for b, v in enumerate(per_block))
+        ranges = "  ".join(f"r{b}={v / math.log(2):.4f}" for b, v in enumerate(per_range))
         logger.info(f"validate step: {step:2}  nelbo: {nelbo:.4f} nats/token = {nelbo / math.log(2):.4f} "
-                    f"bits/token (BPC for chars)  per block (bits): {blocks}")
+                    f"bits/token (BPC for chars)  per t range (bits, t≈1 first): {ranges}")
         model.train()
-        return {"nelbo": nelbo, "bits_per_token": nelbo / math.log(2), "per_block_bits": [v / math.log(2) for v in per_block]}
+        return {"step": step, "nelbo_nats_per_token": nelbo, "bits_per_token": nelbo / math.log(2),
+                "ppl_bound": math.exp(nelbo), "bits_per_token_per_range": [v / math.log(2) for v in per_range],
+                "tokens": int(tokens)}

@@ -13,7 +13,9 @@ def mdlm_sample(
     return_blocks: bool = False,
 ):
     """Ancestral unmasking from t = 1 to 0 in ``steps`` uniform steps, each run by the block that
-    owns its t (``t_to_block``: step i of B steps is block i).
+    owns it: the step from t to s is routed by its midpoint (t + s)/2 (``t_to_block``), so with
+    ``steps`` a multiple of B every step lies inside its block's t range (step i of B steps is block
+    i), and otherwise a step that straddles a boundary goes to the block holding most of it.
 
     From t to s < t (α = 1 − t), a masked token is revealed with probability (t − s)/t, drawn from
     the model's SUBS distribution, else stays masked; revealed tokens never change. At s = 0 every
@@ -25,7 +27,7 @@ def mdlm_sample(
     blocks = []
     for i in range(steps):
         t, s = float(times[i]), float(times[i + 1])
-        block = int(t_to_block(torch.tensor(t), num_blocks))
+        block = int(t_to_block((t + s) / 2, num_blocks))
         blocks.append(block)
         probs = model(x, t=torch.full((batch,), t, device=device), block=block).softmax(-1)
         draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(batch, seq_len)

@@ -29,7 +29,7 @@ from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from dblocks_titan.data.datasets import check_dataset
-from dblocks_titan.data.text8 import CharTokenizer
+from dblocks_titan.data.text8 import CharTokenizer, Text8DataLoader
 from dblocks_titan.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 
 if sys.version_info >= (3, 11):
@@ -193,6 +193,11 @@ def check_inputs(config) -> None:
             )
         loaders = [config.dataloader] + ([config.validator.dataloader] if config.validator.enable else [])
         for loader in loaders:
+            if isinstance(config.tokenizer, CharTokenizer.Config) and not isinstance(loader, Text8DataLoader.Config):
+                raise ValueError(
+                    f"the char tokenizer reads only text8-style text (a-z and space) but dataset "
+                    f"{loader.dataset!r} is not one: use dataset text8, shakespeare_text8 or markov"
+                )
             if hasattr(loader, "check"):  # loaders of this package check themselves
                 loader.check()
             elif isinstance(loader, HuggingFaceTextDataLoader.Config):

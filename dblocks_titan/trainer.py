@@ -100,6 +100,12 @@ class DBlocksTrainer(Trainer):
                 )
             if self.model_spec is not None:
                 check_num_blocks(len(self.model_spec.model.layers), self.dblocks.num_blocks)
+            t_ranges = getattr(self.validator, "t_ranges", 0)
+            if self.validator.enable and t_ranges % self.dblocks.num_blocks:
+                raise ValueError(
+                    f"validator.t_ranges = {t_ranges} must be a multiple of dblocks.num_blocks = {self.dblocks.num_blocks}"
+                    " (each t range is evaluated by the one block that owns it)."
+                )
 
     config: Config
 

@@ -315,6 +315,8 @@ class Text8DataLoader(ParallelAwareDataloader):
                 if not self.dataset_path:
                     raise ValueError(f"dataset 'text8' needs {_PATH_FLAG} pointing at text8 or text8.zip")
                 _open_files(self.dataset_path, "text8")
+                # read (cached for the build) and check the alphabet now, before a model is built
+                CharTokenizer().encode_to_tensor(split_text("text8", self.dataset_path, self.split))
             elif self.dataset == "markov" and self.dataset_path:
                 raise ValueError(f"dataset 'markov' is generated, not read: unset {_PATH_FLAG}")
             elif self.dataset == "shakespeare_text8" and self.dataset_path:
