@@ -45,6 +45,29 @@ def test_owt_config_is_the_paper_setup():
     assert db.training.steps == 4 * e2e.training.steps
 
 
+@pytest.mark.parametrize("pair", [("text8_dblocks", "text8_mdlm"), ("debug_dblocks_mdlm", "debug_mdlm")])
+def test_masked_diffusion_pairs(pair):
+    """text8: the paper's setup (12 x 768, 12 heads, seq 256, B = 3, gamma = 0.05, text8); both pairs: the same
+    network, data and batch, DB with B x the steps and warm-up, the e2e bound split over the twin's ranges."""
+    from dblocks_titan.data import CharTokenizer, Text8DataLoader
+    from dblocks_titan.models.mdlm import MDLM
+
+    db, e2e = (load_toml(TRAIN_CONFIGS / f"{name}.toml") for name in pair)
+    assert (db.model_spec.name, e2e.model_spec.name) == ("dblocks_mdlm", "mdlm")
+    assert isinstance(db.model_spec.model, MDLM.Config) and isinstance(db.tokenizer, CharTokenizer.Config)
+    assert (db.dblocks.num_blocks, db.dblocks.gamma, e2e.dblocks.num_blocks) == (3, 0.05, 1)
+    assert db.training.steps == 3 * e2e.training.steps and db.lr_scheduler.warmup_steps == 3 * e2e.lr_scheduler.warmup_steps
+    assert db.training.seq_len == e2e.training.seq_len == 256
+    assert db.training.global_batch_size == e2e.training.global_batch_size
+    assert db.dataloader.dataset == e2e.dataloader.dataset and isinstance(db.dataloader, Text8DataLoader.Config)
+    assert e2e.validator.t_ranges == 3 and db.validator.t_ranges in (0, 3)
+    for model in (db.model_spec.model, e2e.model_spec.model):
+        assert len(model.layers) == (12 if pair[0] == "text8_dblocks" else 6)
+        assert model.dim == (768 if pair[0] == "text8_dblocks" else 128) and model.vocab_size == 28
+    if pair[0] == "text8_dblocks":
+        assert db.model_spec.model.layers[0].attention.n_heads == 12 and db.dataloader.dataset == "text8"
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path, "[training]\nsteps = 3\nstepz = 4\n")
     with pytest.raises(TomlError, match=r"x\.toml: unknown key 'training\.stepz'"):
