@@ -63,8 +63,9 @@ def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_
 def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwargs) -> Trainer.Config:
     """Settings shared by a DiffusionBlocks run and its e2e twin (same data, tokenizer, optimizer).
 
-    AR models read the embedded corpus with the embedded BPE; masked-diffusion models read its
-    text8-style (a–z and space) version with the character tokenizer, and validate with the NELBO.
+    AR models read the embedded corpus with the embedded BPE. Masked-diffusion models validate with
+    the NELBO; character-level ones (vocabulary 28: text8) read the corpus's text8-style (a–z and
+    space) version with the character tokenizer, BPE ones (flavor ``owt``) the same data as AR.
     """
     model_spec = model_registry(name, flavor, **model_kwargs)
     common = dict(
@@ -87,15 +88,21 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
     )
     if name in MASKED_MODELS:
         common.update(
-            tokenizer=CharTokenizer.Config(),
-            training=TrainingConfig(local_batch_size=16, seq_len=256, steps=200, disable_cuda_graphs=True),
-            dataloader=Text8DataLoader.Config(dataset="shakespeare_text8"),
             validator=NELBOValidator.Config(
                 enable=True, freq=100, steps=2,
-                dataloader=Text8DataLoader.Config(dataset="shakespeare_text8", split="validation", infinite=False),
+                dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare_validation", infinite=False),
             ),
             dblocks=DBlocksConfig(num_blocks=1 if name == "mdlm" else 3, gamma=0.05),
         )
+        if model_spec.model.vocab_size == CharTokenizer(None).get_vocab_size():  # character level (text8)
+            common.update(
+                tokenizer=CharTokenizer.Config(),
+                training=TrainingConfig(local_batch_size=16, seq_len=256, steps=200, disable_cuda_graphs=True),
+                dataloader=Text8DataLoader.Config(dataset="shakespeare_text8"),
+            )
+            common["validator"].dataloader = Text8DataLoader.Config(
+                dataset="shakespeare_text8", split="validation", infinite=False
+            )
     if name == "llama3":
         return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
     return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)

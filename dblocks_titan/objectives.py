@@ -8,8 +8,9 @@ normalisation stay exact.
 AR (METHOD.md §4, §6), for block b:
 1. ``σ_i`` ~ truncated log-normal inside block b's widened range, one per sample;
 2. ``ε ~ N(0, I)`` [B, N, dim] (the model builds ``z = y + σ·ε`` from its own embedding table);
-3. logits at the noisy slots; loss ``Σ_i Σ_t w_i·CE_it`` with ``w`` from the weighting option
-   (``none`` | ``per_sample`` | ``batch_mean``); the unweighted CE is logged.
+3. the head's input at the noisy slots; head + CE in chunks (:func:`ar_loss`); loss
+   ``Σ_i Σ_t w_i·CE_it`` with ``w`` from the weighting option (``none`` | ``per_sample`` |
+   ``batch_mean``); the unweighted CE is logged.
 
 Masked diffusion (METHOD.md §7), for block b:
 1. ``t_i`` uniform (stratified across the batch) inside block b's widened t range;
@@ -19,12 +20,14 @@ Masked diffusion (METHOD.md §7), for block b:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.components.loss import BaseLoss, ChunkedLossWrapper, IGNORE_INDEX
 
 from dblocks_titan.diffusion import EDMConfig, nelbo_weight, per_sample_weights, sample_sigma, sample_t, Weighting
 
@@ -46,17 +49,43 @@ def ar_corrupt(
     return ARCorruption(sigma=sigma, noise=noise)
 
 
+class WeightedCrossEntropyLoss(BaseLoss):
+    """titan loss of one chunk: ``(Σ_t w_t·CE_t / global_valid_tokens, {"ce_mean": Σ_t CE_t / global_valid_tokens})``
+    with per-token weights ``w`` [B, L] (``ignore_index`` tokens contribute 0)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseLoss.Config):
+        pass
+
+    def __init__(self, config: Config, *, compile_config=None):
+        pass
+
+    def __call__(self, pred, labels, global_valid_tokens=None, *, weights):
+        ce = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+        return (weights.flatten() * ce).sum() / global_valid_tokens, {"ce_mean": ce.detach().sum() / global_valid_tokens}
+
+
 def ar_loss(
-    logits: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, *, weighting: Weighting, edm: EDMConfig,
-    global_valid_tokens: torch.Tensor,
+    pred: torch.Tensor, labels: torch.Tensor, sigma: torch.Tensor, *, weighting: Weighting, edm: EDMConfig,
+    global_valid_tokens: torch.Tensor, lm_head: nn.Module | None = None, num_chunks: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss, unweighted CE). logits [B, N, V]; labels [B, N]; sigma [B]."""
-    ce = F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX
-    ).view_as(labels)
-    weights = per_sample_weights(sigma, weighting, edm)
-    loss = (weights[:, None] * ce).sum() / global_valid_tokens
-    return loss, ce.detach().sum() / global_valid_tokens
+    """(weighted loss ``Σ_i v_i·Σ_t CE_it / global_valid_tokens``, unweighted CE ``Σ CE / global_valid_tokens``).
+
+    pred [B, N, D] is the head's input (``lm_head`` given) or the logits [B, N, V] (``lm_head`` None);
+    labels [B, N]; sigma [B]; ``v`` = ``per_sample_weights``. titan's ``ChunkedLossWrapper`` applies
+    the head and the CE to ``gcd(B·N, num_chunks)`` equal chunks of the B·N positions, running each
+    chunk's backward at once (so the head's gradient is accumulated during this call and only one
+    chunk's fp32 log-softmax is alive); the returned loss backpropagates the gathered gradient of
+    ``pred``.
+    """
+    weights = per_sample_weights(sigma, weighting, edm)[:, None].expand_as(labels)
+    loss_fn = ChunkedLossWrapper.Config(
+        num_chunks=math.gcd(labels.numel(), num_chunks), loss_fn=WeightedCrossEntropyLoss.Config()
+    ).build()
+    loss_fn.set_lm_head(nn.Identity() if lm_head is None else lm_head)
+    loss, metrics = loss_fn(pred.flatten(0, 1)[None], labels.reshape(1, -1), global_valid_tokens,
+                            weights=weights.reshape(1, -1))
+    return loss, metrics["ce_mean"]
 
 
 @dataclass
@@ -93,9 +122,10 @@ class ARObjective:
         db = self.db
         c = ar_corrupt(labels, block=block, num_blocks=db.num_blocks, gamma=db.gamma, dim=self.dim, edm=db.edm,
                        generator=generator)
-        logits = model(inputs, **extra_kwargs, labels=labels, sigma=c.sigma, noise=c.noise, block=block)
-        return ar_loss(logits, labels, c.sigma, weighting=db.weighting, edm=db.edm,
-                       global_valid_tokens=global_valid_tokens)
+        hidden = model(inputs, **extra_kwargs, labels=labels, sigma=c.sigma, noise=c.noise, block=block,
+                       skip_lm_head=True)
+        return ar_loss(hidden, labels, c.sigma, weighting=db.weighting, edm=db.edm,
+                       global_valid_tokens=global_valid_tokens, lm_head=model.lm_head)
 
 
 class MaskedDiffusionObjective:

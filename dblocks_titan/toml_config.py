@@ -186,10 +186,17 @@ def check_inputs(config) -> None:
                     f"no tokenizer.json in {config.hf_assets_path!r}; set [tokenizer] path or --hf_assets_path"
                 )
         vocab = config.tokenizer.build(tokenizer_path=config.hf_assets_path).get_vocab_size()
-        if config.model_spec is not None and vocab > config.model_spec.model.vocab_size:
+        model = config.model_spec.model if config.model_spec is not None else None
+        if model is not None and vocab > model.vocab_size:
             raise ValueError(
-                f"tokenizer has {vocab} tokens but the model's vocab_size is {config.model_spec.model.vocab_size}: "
+                f"tokenizer has {vocab} tokens but the model's vocab_size is {model.vocab_size}: "
                 "set [model] vocab_size to at least the tokenizer's"
+            )
+        mask_id = getattr(model, "mask_id", None)
+        if mask_id is not None and not isinstance(config.tokenizer, CharTokenizer.Config) and mask_id < vocab:
+            raise ValueError(
+                f"the [MASK] id {mask_id} is a token of the tokenizer ({vocab} tokens): use a tokenizer of at most "
+                f"{mask_id} tokens (the {config.model_spec.flavor!r} flavor's [MASK] follows GPT-2's 50257)"
             )
         loaders = [config.dataloader] + ([config.validator.dataloader] if config.validator.enable else [])
         for loader in loaders:

@@ -1,13 +1,14 @@
 """Shared pieces of ``bench_memory.py`` and ``bench_throughput.py`` (single process, no FSDP).
 
-1. Models: :func:`build_model` builds the DiffusionBlocks decoder (``dblocks_llama``) or titan's
-   e2e ``Llama3Model`` twin of the same flavor, fp32, on the bench device, with every
-   zero-initialised parameter (adaLN, final adaLN, DB head) given small random values so that
-   no gradient is structurally zero and autograd skips no work.
-2. Steps: :class:`DBStep` does what ``DBlocksTrainer._forward_backward_body`` does (``ar_corrupt``
-   → ``model(..., block=b)`` → ``ar_loss``); :class:`E2EStep` does what titan's ``Trainer`` does
-   for the twin (``_skip_lm_head`` + ``ChunkedLossWrapper(CrossEntropyLoss)``, 8 chunks, the
-   recipe of ``config_registry.recipe("llama3")``). Both then take titan's AdamW step
+1. Models: :func:`build_model` builds the AR DiffusionBlocks decoder (``dblocks_llama``), titan's
+   e2e ``Llama3Model`` twin of the same flavor, or the masked-diffusion model (``mdlm``: B = 1 is
+   the end-to-end baseline), fp32, on the bench device, with every zero-initialised parameter
+   (adaLN, final adaLN, DB head) given small random values so that no gradient is structurally
+   zero and autograd skips no work.
+2. Steps: :class:`DBStep` does what ``DBlocksTrainer._forward_backward_body`` does (the product's
+   objective: ``build_objective`` → AR or masked diffusion); :class:`E2EStep` does what titan's
+   ``Trainer`` does for the llama3 twin (``_skip_lm_head`` + ``ChunkedLossWrapper(CrossEntropyLoss)``,
+   8 chunks, the recipe of ``config_registry.recipe("llama3")``). Both then take titan's AdamW step
    (``default_adamw``: betas (0.9, 0.95), wd 0.1, fused implementation) after grad clipping.
 3. :class:`SavedTensorAccountant`: exact bytes autograd keeps for backward (see its docstring).
 4. Report helpers: machine description, Markdown tables, bar charts.
@@ -40,12 +41,13 @@ from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.optimizer import default_adamw
 from torchtitan.distributed import activation_checkpoint as titan_ac
 
-from dblocks_titan.diffusion import EDMConfig
+from dblocks_titan.models import mdlm
+from dblocks_titan.models.block_denoiser import decoder_parts, flavor_kwargs
 from dblocks_titan.models.dblocks_llama import baseline_config, flavor_config
-from dblocks_titan.objectives import ar_corrupt, ar_loss
-from dblocks_titan.trainer import init_optimizer_states
+from dblocks_titan.objectives import build_objective
+from dblocks_titan.trainer import DBlocksConfig, init_optimizer_states
 
-GAMMA = 0.1  # dblocks.gamma of every shipped config
+GAMMA = {"db": 0.1, "mdlm": 0.05}  # dblocks.gamma of the shipped AR / masked-diffusion configs
 LR = 1e-3  # config_registry.recipe's optimizer
 MAX_NORM = 1.0  # titan's training.max_norm default
 CE_CHUNKS = 8  # ChunkedLossWrapper.Config.num_chunks default (the twin's recipe)
@@ -91,6 +93,14 @@ def machine_lines(device: torch.device) -> list[str]:
     return lines
 
 
+def load_line(load_at_start: float) -> str:
+    """The 1-minute load average at the start and end of a run: other work on the machine skews timings."""
+    import os
+
+    return (f"- 1-minute load average: {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+            f"(the end includes this run's own threads)")
+
+
 def command_line() -> str:
     return ".venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -101,25 +111,35 @@ def command_line() -> str:
 
 
 def model_config(kind: str, flavor: str, *, seq: int, num_blocks: int = 1, attn_backend: str = "auto",
-                 vocab_size: int | None = None):
-    """kind "db" → DBlocksLlama.Config with ``num_blocks``; "e2e" → titan Llama3Model.Config.
+                 vocab_size: int | None = None, n_layers: int | None = None):
+    """kind "db" → DBlocksLlama.Config; "e2e" → titan Llama3Model.Config; "mdlm" → MDLM.Config
+    (``num_blocks`` = 1: the end-to-end baseline ``mdlm``, else ``dblocks_mdlm``).
 
-    The RoPE table is sized as the Trainer sizes it (``update_from_config``): ``seq`` positions
-    for the twin, ``seq + 1`` for DiffusionBlocks (noisy slot i sits at position pos_i + 1), not
-    the flavor's 131072 (a 16 MiB buffer per layer at head_dim 32).
+    ``n_layers`` overrides the flavor's depth (mdlm only: its debugmodel has 6 layers, which B = 4
+    does not divide); the layers are rebuilt by ``decoder_parts`` from the flavor's other fields.
+    The RoPE table is sized as the Trainer sizes it (``update_from_config``): ``seq`` positions for
+    the twin and MDLM, ``seq + 1`` for AR DiffusionBlocks (noisy slot i sits at position pos_i + 1),
+    not the flavor's 131072 (a 16 MiB buffer per layer at head_dim 32).
     """
+    rope_len = seq
     if kind == "db":
         cfg = flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
-        n_layers = len(cfg.layers)
-        if num_blocks < 1 or n_layers % num_blocks:
-            raise ValueError(f"num_blocks={num_blocks} must divide n_layers={n_layers} of flavor {flavor!r}.")
-        cfg.num_blocks = num_blocks
         rope_len = seq + 1
     elif kind == "e2e":
         cfg = baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
-        rope_len = seq
+    elif kind == "mdlm":
+        cfg = mdlm.mdlm_config(flavor, end_to_end=num_blocks == 1, vocab_size=vocab_size)
+        if n_layers is not None:
+            kwargs = {**flavor_kwargs(mdlm.FLAVORS, flavor, vocab_size), "n_layers": n_layers}
+            cfg.layers = decoder_parts(adaln=True, inner_attention=cfg.layers[0].attention.inner_attention,
+                                       **kwargs)["layers"]
     else:
-        raise ValueError(f"kind must be 'db' or 'e2e', got {kind!r}.")
+        raise ValueError(f"kind must be 'db', 'e2e' or 'mdlm', got {kind!r}.")
+    if kind != "e2e":
+        n = len(cfg.layers)
+        if num_blocks < 1 or n % num_blocks:
+            raise ValueError(f"num_blocks={num_blocks} must divide n_layers={n} of {kind} flavor {flavor!r}.")
+        cfg.num_blocks = num_blocks
     for layer in cfg.layers:
         layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=rope_len)
     return cfg
@@ -177,10 +197,13 @@ def build_optimizer(model: nn.Module, *, init_all_states: bool):
     return opt
 
 
-def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int = 0):
-    """Random tokens [batch, seq+1] → (inputs, labels) = (x[:, :-1], x[:, 1:]), like titan's loader."""
+def make_batch(batch: int, seq: int, vocab: int, device: torch.device, seed: int = 0, *, shift: bool = True):
+    """Random tokens in [0, vocab). ``shift``: [batch, seq+1] → (x[:, :-1], x[:, 1:]), like titan's
+    loader; else (x, x), like the masked-diffusion loaders (labels = the clean sequence)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
+    x = torch.randint(0, vocab, (batch, seq + shift), generator=gen).to(device)
+    if not shift:
+        return x, x
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
@@ -229,25 +252,25 @@ class Step:
         return self.model_cfg.get_nparams_and_flops(self.model, seq)[1]
 
     def linear_flops_per_token(self) -> int:
-        """Exact matmul FLOPs per input token of the linear layers: 6 · (weights of the active layers ×
-        positions per token + head). Excludes attention scores, and DB's adaLN / time-embedder linears,
-        which run once per sample, not per position (negligible)."""
+        """Exact matmul FLOPs per input token of the linear layers that run at every position:
+        6 · (weights of the active layers × positions per token + head). Excludes attention scores,
+        and DB's adaLN / time-embedder linears, which run once per sample (negligible)."""
         layer = self.model.layers["0"]
         per_layer = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 2 and "adaln" not in n)
         return 6 * (self.active_layers * self.positions_per_token * per_layer + self.model.lm_head.weight.numel())
 
 
 class DBStep(Step):
-    """``DBlocksTrainer._forward_backward_body`` without the Trainer: corrupt → one block → loss."""
+    """``DBlocksTrainer._forward_backward_body`` without the Trainer: the model's objective
+    (``build_objective``: AR → ``ARObjective``, MDLM → ``MaskedDiffusionObjective``) for one block."""
 
-    def __init__(self, model, cfg, inputs, labels, *, weighting: str = "batch_mean", seed: int = 0):
+    def __init__(self, model, cfg, inputs, labels, *, gamma: float, seed: int = 0):
         self.model, self.model_cfg = model, cfg
         self.inputs, self.labels = inputs, labels
         self.num_blocks = cfg.num_blocks
         self.active_layers = len(cfg.layers) // cfg.num_blocks
-        self.positions_per_token = 2
-        self.weighting = weighting
-        self.edm = EDMConfig()
+        self.objective = build_objective(cfg, DBlocksConfig(num_blocks=cfg.num_blocks, gamma=gamma))
+        self.positions_per_token = 1 if hasattr(cfg, "mask_id") else 2  # AR: [clean | noisy]
         self.seed = seed
         self._calls = 0
         self.gvt = torch.tensor(labels.numel(), device=labels.device)
@@ -255,11 +278,8 @@ class DBStep(Step):
     def loss(self, block: int = 0) -> torch.Tensor:
         gen = torch.Generator(device=self.labels.device).manual_seed(self.seed * 100003 + self._calls)
         self._calls += 1
-        c = ar_corrupt(self.labels, block=block, num_blocks=self.num_blocks, gamma=GAMMA, dim=self.model_cfg.dim,
-                       edm=self.edm, generator=gen)
-        logits = self.model(self.inputs, labels=self.labels, sigma=c.sigma, noise=c.noise, block=block)
-        loss, _ = ar_loss(logits, self.labels, c.sigma, weighting=self.weighting, edm=self.edm,
-                          global_valid_tokens=self.gvt)
+        loss, _ = self.objective(self.model, self.inputs, self.labels, {}, block=block, generator=gen,
+                                 global_valid_tokens=self.gvt)
         return loss
 
 
@@ -289,16 +309,36 @@ class E2EStep(Step):
 
 def make_step(kind: str, flavor: str, device: torch.device, *, batch: int, seq: int, num_blocks: int = 1,
               ac: str = "none", attn_backend: str = "auto", vocab_size: int | None = None, chunked_ce: bool = True,
-              seed: int = 0) -> Step:
-    cfg = model_config(kind, flavor, seq=seq, num_blocks=num_blocks, attn_backend=attn_backend, vocab_size=vocab_size)
+              n_layers: int | None = None, seed: int = 0) -> Step:
+    """kind as in :func:`model_config`; "db" and "mdlm" train through the product's objective."""
+    cfg = model_config(kind, flavor, seq=seq, num_blocks=num_blocks, attn_backend=attn_backend,
+                       vocab_size=vocab_size, n_layers=n_layers)
     model = build_model(cfg, device, ac=ac, seed=seed)
-    inputs, labels = make_batch(batch, seq, cfg.vocab_size, device, seed=seed)
-    if kind == "db":
-        step = DBStep(model, cfg, inputs, labels, seed=seed)
+    if kind == "mdlm":  # clean text never holds [MASK]
+        inputs, labels = make_batch(batch, seq, cfg.mask_id, device, seed=seed, shift=False)
     else:
+        inputs, labels = make_batch(batch, seq, cfg.vocab_size, device, seed=seed)
+    if kind == "e2e":
         step = E2EStep(model, cfg, inputs, labels, chunked=chunked_ce)
-    step.optimizer = build_optimizer(model, init_all_states=(kind == "db"))
+    else:
+        step = DBStep(model, cfg, inputs, labels, gamma=GAMMA[kind], seed=seed)
+    step.optimizer = build_optimizer(model, init_all_states=(kind != "e2e"))
     return step
+
+
+def step_from_args(kind: str, *, num_blocks: int = 1, **step_kwargs) -> Callable:
+    """A benchmark row: ``(args, device) → make_step(kind, …)`` from the scripts' shared flags
+    (--flavor / --mdlm-flavor and --mdlm-layers, --batch, --seq, --attn-backend, --vocab-size, --seed)."""
+
+    def build(args, device: torch.device) -> Step:
+        if kind == "mdlm":
+            model = dict(flavor=args.mdlm_flavor, n_layers=args.mdlm_layers)
+        else:
+            model = dict(flavor=args.flavor, attn_backend=args.attn_backend, vocab_size=args.vocab_size)
+        return make_step(kind, device=device, batch=args.batch, seq=args.seq, num_blocks=num_blocks, seed=args.seed,
+                         **model, **step_kwargs)
+
+    return build
 
 
 # --------------------------------------------------------------------------------------------

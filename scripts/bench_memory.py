@@ -48,123 +48,50 @@ import torch  # noqa: E402
 # --------------------------------------------------------------------------------------------
 
 RowBuilder = Callable[[argparse.Namespace, torch.device], "bc.Step | bc.Placeholder"]
-ROWS: dict[str, RowBuilder] = {}
 REFERENCE = "e2e llama3, no AC"
-
-
-def row(name: str):
-    def register(fn: RowBuilder) -> RowBuilder:
-        ROWS[name] = fn
-        return fn
-
-    return register
-
-
-def _e2e(args, device, *, ac="none", chunked_ce=True):
-    return bc.make_step("e2e", args.flavor, device, batch=args.batch, seq=args.seq, ac=ac, chunked_ce=chunked_ce,
-                        attn_backend=args.attn_backend, vocab_size=args.vocab_size, seed=args.seed)
-
-
-def _db(args, device, num_blocks, *, ac="none"):
-    return bc.make_step("db", args.flavor, device, batch=args.batch, seq=args.seq, num_blocks=num_blocks, ac=ac,
-                        attn_backend=args.attn_backend, vocab_size=args.vocab_size, seed=args.seed)
-
-
-@row(REFERENCE)
-def _e2e_none(args, device):
-    return _e2e(args, device)
-
-
-@row("e2e llama3, selective AC")
-def _e2e_sac(args, device):
-    return _e2e(args, device, ac="selective")
-
-
-@row("e2e llama3, full AC")
-def _e2e_full(args, device):
-    return _e2e(args, device, ac="full")
-
-
-@row("e2e llama3, no AC, unchunked CE (reference)")
-def _e2e_plain_ce(args, device):
-    return _e2e(args, device, chunked_ce=False)
-
-
-@row("DB AR, B=1")
-def _db1(args, device):
-    return _db(args, device, 1)
-
-
-@row("DB AR, B=2")
-def _db2(args, device):
-    return _db(args, device, 2)
-
-
-@row("DB AR, B=4")
-def _db4(args, device):
-    return _db(args, device, 4)
-
-
-@row("DB AR, B=4, full AC")
-def _db4_full(args, device):
-    return _db(args, device, 4, ac="full")
-
-
-@row("e2e MDLM")
-def _e2e_mdlm(args, device):
-    return bc.Placeholder("masked-diffusion objective not implemented yet")
-
-
-@row("DB MDLM, B=2")
-def _db_mdlm2(args, device):
-    return bc.Placeholder("masked-diffusion objective not implemented yet")
-
-
-@row("DB MDLM, B=4")
-def _db_mdlm4(args, device):
-    return bc.Placeholder("masked-diffusion objective not implemented yet")
-
-
-@row("block-parallel DB, B=4")
-def _db_block_parallel(args, device):
-    return bc.Placeholder("block-parallel mode (one block per rank) not implemented yet")
+MDLM_REFERENCE = "e2e MDLM"
+ROWS: dict[str, RowBuilder] = {
+    REFERENCE: bc.step_from_args("e2e"),
+    "e2e llama3, selective AC": bc.step_from_args("e2e", ac="selective"),
+    "e2e llama3, full AC": bc.step_from_args("e2e", ac="full"),
+    "e2e llama3, no AC, unchunked CE (reference)": bc.step_from_args("e2e", chunked_ce=False),
+    "DB AR, B=1": bc.step_from_args("db", num_blocks=1),
+    "DB AR, B=2": bc.step_from_args("db", num_blocks=2),
+    "DB AR, B=4": bc.step_from_args("db", num_blocks=4),
+    "DB AR, B=4, full AC": bc.step_from_args("db", num_blocks=4, ac="full"),
+    MDLM_REFERENCE: bc.step_from_args("mdlm", num_blocks=1),
+    "DB MDLM, B=2": bc.step_from_args("mdlm", num_blocks=2),
+    "DB MDLM, B=4": bc.step_from_args("mdlm", num_blocks=4),
+    "block-parallel DB, B=4": lambda args, device: bc.Placeholder(
+        "block-parallel mode (one block per rank) not implemented yet"
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Per-module breakdown of saved bytes
 # --------------------------------------------------------------------------------------------
 
-MASK_TAG = "<attention mask>"
 CATEGORIES = {  # key → label, in table order
     "emb": "embeddings",
     "body": "DB model body: embed split, noise, EDM c_in/c_skip, [clean, noisy] concat, final modulate",
     "time": "time conditioning: t_embedder, adaLN / final adaLN linears",
-    "lnorm": "layer norms (attention_norm, ffn_norm)",
-    "layer": "layer body: residual adds, adaLN modulate and gates",
+    "lnorm": "layer norms (attention_norm, ffn_norm; e2e llama3 only: DB fuses them into the modulate)",
+    "layer": "layer body: DB's fused RMSNorm + adaLN modulate (x, 1/rms), gates, residual adds",
     "proj": "attention: qkv/o projections, RoPE",
     "sdpa": "attention: SDPA core (q, k, v, out, logsumexp)",
-    "mask": "attention mask (the copy SDPA saves)",
     "mlp": "MLP (w1, w3, SiLU, w2 inputs)",
-    "fnorm": "final norm (DB: on the noisy half, and again before the final adaLN)",
+    "fnorm": "final norm (AR DB: on the noisy half, and again before the final adaLN)",
     "head": "head input (lm_head)",
-    "loss": "loss: log-softmax over the vocabulary",
+    "loss": "loss: log-softmax over the vocabulary (one chunk with chunked CE), gathered head-input grad",
 }
-PER_LAYER = ("lnorm", "layer", "proj", "sdpa", "mask", "mlp")
-
-
-def refine_tag(t: torch.Tensor, tag: str | None) -> str | None:
-    """The [B, 1, L, L] tensor SDPA saves is the attention mask (the CPU kernel keeps an fp32 copy)."""
-    if tag and tag.endswith("inner_attention") and t.dim() == 4 and t.shape[1] == 1 and t.shape[-1] == t.shape[-2]:
-        return MASK_TAG
-    return tag
+PER_LAYER = ("lnorm", "layer", "proj", "sdpa", "mlp")
 
 
 def category(tag: str | None) -> str:
     """Module tag of a saved storage → key of CATEGORIES (or "other: <tag>")."""
     if tag is None:
         return "loss"
-    if tag == MASK_TAG:
-        return "mask"
     if tag == "":
         return "body"
     parts = tag.split(".")
@@ -209,6 +136,7 @@ class RowResult:
     placeholder: str | None = None
     seconds: float = 0.0
     is_db: bool = False
+    active_layers: int = 0
 
     def max(self, attr: str) -> int | None:
         values = [getattr(b, attr) for b in self.blocks]
@@ -221,9 +149,6 @@ def _tracker(step: bc.Step, enabled: bool) -> "bc.PeakTensorTracker | None":
     opt_state = [v for opt in step.optimizer for st in opt.state.values() for v in st.values()
                  if isinstance(v, torch.Tensor)]
     resident = [*step.model.parameters(), *step.model.buffers(), *opt_state, step.inputs, step.labels]
-    cache = getattr(step.model, "_mask_cache", None)  # DB's cached dense mask (built in the warm-up)
-    if cache is not None and isinstance(cache[1], torch.Tensor):
-        resident.append(cache[1])
     return bc.PeakTensorTracker(resident)
 
 
@@ -236,7 +161,7 @@ def measure(step: bc.Step, blocks: list[int], device: torch.device, *, peak_trac
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        acct = bc.SavedTensorAccountant.for_model(step.model, refine_tag=refine_tag).track_modules(step.model)
+        acct = bc.SavedTensorAccountant.for_model(step.model).track_modules(step.model)
         mt = _tracker(step, peak_tracker)
         with mt if mt is not None else contextlib.nullcontext():
             with bc.count_selective_ac(), acct:
@@ -272,7 +197,7 @@ def run_row(name: str, builder: RowBuilder, args, device) -> RowResult:
         blocks = [0]
     measures, opt_resident = measure(step, blocks, device, peak_tracker=not args.no_peak_tracker)
     result = RowResult(name=name, params=bc.param_bytes(step.model), opt_resident=opt_resident, blocks=measures,
-                       is_db=isinstance(step, bc.DBStep))
+                       is_db=isinstance(step, bc.DBStep), active_layers=step.active_layers)
     del step
     gc.collect()
     if device.type == "cuda":
@@ -292,11 +217,16 @@ HEADERS = [
 ]
 
 
+def reference_of(name: str) -> str:
+    """The e2e row a row is compared with: e2e MDLM for the masked-diffusion rows, else e2e llama3 no AC."""
+    return MDLM_REFERENCE if "MDLM" in name else REFERENCE
+
+
 def table_rows(results: list[RowResult]) -> list[list[str]]:
-    ref = next((r for r in results if r.name == REFERENCE and r.blocks), None)
-    ref_act = ref.max("act") if ref else None
+    acts = {r.name: r.max("act") for r in results if r.blocks}
     rows = []
     for r in results:
+        ref_act = acts.get(reference_of(r.name))
         if r.placeholder:
             rows.append([r.name, f"skipped: {r.placeholder}"] + ["—"] * (len(HEADERS) - 2))
             continue
@@ -328,55 +258,37 @@ def breakdown_table(results: list[RowResult]) -> tuple[list[str], list[list[str]
     return headers, rows
 
 
-def target_lines(results: list[RowResult], args) -> list[str]:
-    """The B=4 activation target, and — computed from the measured breakdown — where DB's bytes go."""
-    by_name = {r.name: r for r in results}
-    ref, db4 = by_name.get(REFERENCE), by_name.get("DB AR, B=4")
-    if not (ref and ref.blocks and db4 and db4.blocks):
-        return ["Target check skipped (needs the e2e no-AC and DB AR B=4 rows)."]
-    e2e_act, db_act = ref.max("act"), db4.max("act")
-    ratio = db_act / e2e_act
-    lines = [
-        f"**Target: activation bytes DB AR (B=4) / e2e (no AC) ≤ 0.60 → measured {ratio:.3f} "
-        f"({bc.mib(db_act)} / {bc.mib(e2e_act)} MiB): {'MET' if ratio <= 0.60 else 'MISSED'}.** "
-        f"The ideal for B=4 is 0.5 (L/B layers at 2N positions) plus the shared modules.",
-    ]
-    cat, ecat = db4.blocks[0].act_by_category, ref.blocks[0].act_by_category
-    cfg = bc.model_config("db", args.flavor, seq=args.seq, num_blocks=4, vocab_size=args.vocab_size)
-    n_layers, db_layers = len(cfg.layers), len(cfg.layers) // 4
-    e2e_layer = sum(ecat.get(k, 0) for k in PER_LAYER) / n_layers
-    db_layer = sum(cat.get(k, 0) for k in PER_LAYER) / db_layers
-    loss, mask, layer_body = cat.get("loss", 0), cat.get("mask", 0), cat.get("layer", 0)
-    # One [batch, 2N, dim] fp32 tensor: the unit of the per-layer savings below.
-    act_2n = args.batch * 2 * args.seq * cfg.dim * 4
-    no_loss = db_act - loss + loss / bc.CE_CHUNKS  # titan's chunking: one chunk of N/8 positions live
-    no_mask = no_loss - mask
-    no_modulate = no_mask - 4 * act_2n * db_layers  # per layer: 2 sites × (x/rms and norm(x)·w)
-    lines += [
-        "",
-        "Where DB's bytes go (block 0 of DB AR B=4; see the breakdown below):",
-        f"1. **loss**: the log-softmax of all N noisy positions over the vocabulary is saved at once: "
-        f"{bc.mib(loss)} MiB = {loss / db_act:.0%} of DB's activations. The e2e twin's `ChunkedLossWrapper` keeps "
-        f"one chunk of N/{bc.CE_CHUNKS} positions live ({bc.mib(ecat.get('loss', 0))} MiB).",
-        f"2. **per transformer layer**: e2e {bc.mib(e2e_layer)} MiB at N positions, DB {bc.mib(db_layer)} MiB at 2N "
-        f"= {db_layer / e2e_layer:.2f}× (2× is the doubled sequence). The excess per layer: the attention mask "
-        f"({bc.mib(mask / db_layers)} MiB: SDPA's fp32 copy of the dense [B, 1, 2N, 2N] mask, saved by every "
-        f"layer) and the adaLN modulate/gate products ({bc.mib(layer_body / db_layers)} MiB: norm(x)·(1+scale) "
-        f"keeps the normalised x and the gates keep the attention/MLP outputs, each [B, 2N, D]).",
-        f"3. shared: final norm twice + EDM glue {bc.mib(cat.get('fnorm', 0) + cat.get('body', 0))} MiB, "
-        f"head input {bc.mib(cat.get('head', 0))} MiB.",
-        "",
-        "Projected ratios if the product changed (computed from the measured bytes above, not measured):",
-        f"- chunked CE over the noisy positions (as titan's twin does): {bc.mib(no_loss)} MiB → "
-        f"**{no_loss / e2e_act:.3f}**;",
-        f"- + no per-layer mask copy (FlexAttention's BlockMask on GPU; on CPU an SDPA call that is not handed a "
-        f"dense [2N, 2N] mask, e.g. causal clean half + a diagonal term for the noisy half): {bc.mib(no_mask)} MiB → "
-        f"**{no_mask / e2e_act:.3f}**;",
-        f"- + RMSNorm and adaLN modulate fused into one autograd op that saves only x and 1/rms and recomputes "
-        f"x/rms and norm(x)·w in backward (today both are saved, at both sites of a layer: 4 × [B, 2N, D] fp32 = "
-        f"{bc.mib(4 * act_2n)} MiB per layer; `torch.compile` of each layer may do this fusion itself): "
-        f"{bc.mib(no_modulate)} MiB → **{no_modulate / e2e_act:.3f}**.",
-    ]
+TARGETS = (  # (e2e row, DB row, target activation ratio, what the ideal is)
+    (REFERENCE, "DB AR, B=4", 0.60, "0.5 (L/B layers, each at 2N positions)"),
+    (MDLM_REFERENCE, "DB MDLM, B=4", 0.30, "0.25 (L/B layers at N positions)"),
+)
+
+
+def target_lines(results: list[RowResult]) -> list[str]:
+    """The B = 4 activation targets, and — from the measured breakdown — where DB's bytes go."""
+    by_name = {r.name: r for r in results if r.blocks}
+    lines = []
+    for ref_name, db_name, target, ideal in TARGETS:
+        ref, db = by_name.get(ref_name), by_name.get(db_name)
+        if not (ref and db):
+            lines += [f"Target check for {db_name} skipped (needs the rows {ref_name!r} and {db_name!r}).", ""]
+            continue
+        e2e_act, db_act = ref.max("act"), db.max("act")
+        ratio = db_act / e2e_act
+        cat, ecat = db.blocks[0].act_by_category, ref.blocks[0].act_by_category
+        e2e_layer = sum(ecat.get(k, 0) for k in PER_LAYER) / ref.active_layers
+        db_layers = sum(cat.get(k, 0) for k in PER_LAYER)
+        shared = db_act - db_layers
+        lines += [
+            f"**Target: activation bytes {db_name} / {ref_name} ≤ {target:.2f} → measured {ratio:.3f} "
+            f"({bc.mib(db_act)} / {bc.mib(e2e_act)} MiB): {'MET' if ratio <= target else 'MISSED'}.** "
+            f"The ideal is {ideal} plus the shared modules. Block 0: per transformer layer DB "
+            f"{bc.mib(db_layers / db.active_layers)} MiB vs e2e {bc.mib(e2e_layer)} MiB "
+            f"({db_layers / db.active_layers / e2e_layer:.2f}×); the {db.active_layers} layers "
+            f"{bc.mib(db_layers)} MiB = {db_layers / e2e_act:.3f} of e2e; everything outside the layers (embeddings, "
+            f"time conditioning, readout, loss: not divided by B) {bc.mib(shared)} MiB = {shared / e2e_act:.3f} of e2e.",
+            "",
+        ]
     return lines
 
 
@@ -389,10 +301,11 @@ def write_png(path: str, results: list[RowResult]) -> None:
         "AdamW state (resident)": [r.opt_resident / 2**20 for r in measured],
         "activations (saved, peak)": [r.max("act") / 2**20 for r in measured],
     }
-    ref = next((r.max("act") for r in measured if r.name == REFERENCE), None)
-    notes = [f"act. ×{r.max('act') / ref:.2f}" if ref else "" for r in measured]
+    acts = {r.name: r.max("act") for r in measured}
+    notes = [f"act. ×{r.max('act') / acts[reference_of(r.name)]:.2f}" if reference_of(r.name) in acts else ""
+             for r in measured]
     bc.bar_chart(path, labels, series, ylabel="MiB per rank", stacked=True, annotations=notes,
-                 title="Per-rank memory of one step (stacked; label: activations / e2e no AC); see memory.md")
+                 title="Per-rank memory of one step (stacked; label: activations / its e2e row); see memory.md")
 
 
 def main(argv=None) -> None:
@@ -401,6 +314,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256, help="input tokens N per sample (DB AR runs 2N positions)")
     p.add_argument("--vocab-size", type=int, default=None, help="override the flavor's vocabulary")
+    p.add_argument("--mdlm-flavor", default="debugmodel", help="flavor of the MDLM rows (mdlm.FLAVORS)")
+    p.add_argument("--mdlm-layers", type=int, default=8,
+                   help="n_layers of the MDLM rows (debugmodel has 6; B = 4 needs a multiple of 4)")
     p.add_argument("--attn-backend", default="auto", help="auto (flex on CUDA for DB, else sdpa) | sdpa | flex")
     p.add_argument("--blocks", choices=("all", "first"), default="all", help="DB blocks to measure")
     p.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name contains one")
@@ -411,12 +327,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     device = bc.bench_device()
     torch.manual_seed(args.seed)
     names = list(ROWS)
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",")]
-        names = [n for n in names if n == REFERENCE or any(k in n for k in keys)]
+        names = [n for n in names if n in (REFERENCE, MDLM_REFERENCE) or any(k in n for k in keys)]
     results = []
     for name in names:
         r = run_row(name, ROWS[name], args, device)
@@ -429,7 +346,7 @@ def main(argv=None) -> None:
                               table_rows(results))
     bh, brows = breakdown_table(results)
     breakdown = bc.markdown_table(bh, brows)
-    targets = target_lines(results, args)
+    targets = target_lines(results)
     print()
     print(table)
     print()
@@ -438,7 +355,11 @@ def main(argv=None) -> None:
     print(breakdown)
     print(f"\nruntime {runtime:.0f} s")
 
-    ac_note = "SDPA (CPU)" if device.type == "cpu" else f"{args.attn_backend} ({torch.cuda.get_device_name(device)})"
+    attn_note = (
+        "e2e llama3: titan's causal SDPA; AR DB: `CleanNoisySDPA` (causal SDPA of the clean half + noisy queries "
+        "over the clean keys with the self key merged by log-sum-exp; no 2N × 2N mask); MDLM: bidirectional SDPA"
+        if device.type == "cpu" else f"{args.attn_backend} ({torch.cuda.get_device_name(device)})"
+    )
     md = [
         "# Memory per rank: DiffusionBlocks vs titan end-to-end",
         "",
@@ -449,8 +370,12 @@ def main(argv=None) -> None:
         "```",
         "",
         *bc.machine_lines(device),
-        f"- flavor `{args.flavor}`, batch {args.batch}, N = {args.seq} input tokens per sample (DB AR runs 2N = "
-        f"{2 * args.seq} positions), fp32 weights and activations, one process (no FSDP), attention {ac_note}",
+        bc.load_line(load_start),
+        f"- AR rows: flavor `{args.flavor}`; MDLM rows: mdlm flavor `{args.mdlm_flavor}` with n_layers = "
+        f"{args.mdlm_layers} (its other fields unchanged; B = 4 must divide n_layers). Batch {args.batch}, N = "
+        f"{args.seq} input tokens per sample for every row (DB AR runs 2N = {2 * args.seq} positions), fp32 weights "
+        f"and activations, one process (no FSDP)",
+        f"- attention: {attn_note}",
         f"- script runtime {runtime:.0f} s",
         "",
         table,
@@ -463,9 +388,11 @@ def main(argv=None) -> None:
         "- **activations (saved, peak)**: the peak of the bytes autograd keeps for backward, by unique storage "
         "(`SavedTensorAccountant` in `scripts/bench_common.py`, checked by `tests/test_bench_accounting.py`). "
         "Saved tensors whose storage is a parameter or buffer (weights saved by matmuls, RoPE tables) are excluded: "
-        "they are already counted as params. With titan's chunked CE only one chunk's logits are live at a time; "
-        "with AC only what checkpointing keeps (layer inputs; SAC's saved op outputs).",
-        "- **act. / e2e**: activations over the e2e no-AC row.",
+        "they are already counted as params. With titan's chunked CE (e2e llama3 and AR DB, 8 chunks) only one "
+        "chunk's logits are live at a time; with AC only what checkpointing keeps (layer inputs; SAC's saved op "
+        "outputs). MDLM (vocabulary 28) computes its loss unchunked.",
+        "- **act. / e2e**: activations over the e2e row of the same family (AR rows: e2e llama3, no AC; MDLM rows: "
+        "e2e MDLM).",
         "- **params+grads+AdamW+act.**: the sum of the four columns (the activations are freed while the "
         "gradients are made, so the real peak, next column, can be lower).",
         "- **peak live tensor bytes**: `PeakTensorTracker` (a dispatch mode), the peak of all live tensor storages "

@@ -172,6 +172,4 @@ def test_memory_bench_module_categories():
     assert bm.category("layers.3.feed_forward.w2") == "mlp"
     assert bm.category("layers.3.adaln") == "time"
     assert bm.category("norm") == "fnorm"
-    mask = torch.zeros(2, 1, 6, 6)
-    assert bm.refine_tag(mask, "layers.0.attention.inner_attention") == bm.MASK_TAG
-    assert bm.refine_tag(torch.zeros(2, 4, 6, 8), "layers.0.attention.inner_attention").endswith("inner_attention")
+    assert bm.reference_of("DB MDLM, B=4") == bm.MDLM_REFERENCE and bm.reference_of("DB AR, B=4") == bm.REFERENCE

@@ -4,16 +4,23 @@ import pytest
 import torch
 
 import dblocks_titan  # noqa: F401
-from dblocks_titan.diffusion import EDMConfig
+from dblocks_titan.diffusion import EDMConfig, per_sample_weights
 from dblocks_titan.models.dblocks_llama import (
     check_num_blocks,
     dblocks_mask_mod,
-    dense_mask,
     document_ids,
     flavor_config,
 )
+from dblocks_titan.objectives import ar_loss
 
 VOCAB, DIM = 4096, 128
+
+
+def dense_mask(mask_mod, batch: int, length: int) -> torch.Tensor:
+    """The reference: ``mask_mod`` evaluated on the full grid → bool [B, 1, L, L] for SDPA's ``attn_mask``."""
+    idx = torch.arange(length)
+    b = torch.arange(batch)[:, None, None]
+    return mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]
 
 
 def build(num_blocks=4, seed=0, randomize_zero_init=False):
@@ -42,7 +49,7 @@ def batch(n=12, b=2, seed=1):
 
 def test_mask_matches_method_rules():
     n = 4
-    mask = dense_mask(dblocks_mask_mod(torch.zeros(1, n, dtype=torch.long), n), 1, 2 * n, torch.device("cpu"))[0, 0]
+    mask = dense_mask(dblocks_mask_mod(torch.zeros(1, n, dtype=torch.long), n), 1, 2 * n)[0, 0]
     for q in range(2 * n):
         for kv in range(2 * n):
             if q < n:  # clean_q: causal over clean, never noisy
@@ -55,7 +62,7 @@ def test_mask_matches_method_rules():
 def test_mask_respects_documents():
     positions = torch.tensor([[0, 1, 2, 0, 1]])  # documents {0,1,2} and {3,4}
     n = 5
-    mask = dense_mask(dblocks_mask_mod(document_ids(positions), n), 1, 2 * n, torch.device("cpu"))[0, 0]
+    mask = dense_mask(dblocks_mask_mod(document_ids(positions), n), 1, 2 * n)[0, 0]
     assert not mask[3, 2] and mask[3, 3] and mask[4, 3]
     assert not mask[n + 3, 2] and mask[n + 3, 3] and not mask[n + 3, n + 2]
 
@@ -99,10 +106,10 @@ def test_zero_init_layers_are_identity():
     model = build()
     x = torch.randn(2, 10, DIM)
     c = torch.randn(2, DIM)
-    positions = torch.arange(5).repeat(2, 2)
-    mask = dense_mask(dblocks_mask_mod(torch.zeros(2, 5, dtype=torch.long), 5), 2, 10, torch.device("cpu"))
+    positions = torch.arange(5).repeat(2, 1)
+    mask = model.get_attention_masks(positions)
     for layer in model.layers.values():
-        torch.testing.assert_close(layer(x, c, mask, positions), x, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x, c, mask, positions.repeat(1, 2)), x, rtol=0, atol=0)
 
 
 def test_zero_init_head_gives_uniform_logits():
@@ -167,7 +174,88 @@ def test_flex_block_mask_equals_the_dense_mask():
     positions = torch.cat([torch.arange(25), torch.arange(15)]).repeat(b, 1)  # two documents per row
     block_mask = model.get_attention_masks(positions)
     assert isinstance(block_mask, BlockMask)
-    dense = dense_mask(dblocks_mask_mod(document_ids(positions), n), b, 2 * n, torch.device("cpu"))
+    dense = dense_mask(dblocks_mask_mod(document_ids(positions), n), b, 2 * n)
     q, k, v = (torch.randn(b, heads, 2 * n, hd) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["none", "per_sample", "batch_mean"])
+def test_chunked_loss_equals_the_unchunked_loss(weighting):
+    """ar_loss on the head's input (head + CE in chunks) = CE of the full logits: the weighted loss,
+    the logged CE, and the gradients of the head's input and of the head."""
+    model = build(randomize_zero_init=True)
+    tokens, labels, sigma, noise = batch(n=16)
+    edm, gvt = EDMConfig(), torch.tensor(30)
+    hidden = model(tokens, labels=labels, sigma=sigma, noise=noise, block=1, skip_lm_head=True).detach()
+    labels[0, 3] = -100  # an ignored position
+
+    h1 = hidden.clone().requires_grad_()
+    loss, ce = ar_loss(h1, labels, sigma, weighting=weighting, edm=edm, global_valid_tokens=gvt, lm_head=model.lm_head)
+    loss.backward()
+    head_grad, model.lm_head.weight.grad = model.lm_head.weight.grad, None
+
+    h2 = hidden.clone().requires_grad_()
+    ref_ce = torch.nn.functional.cross_entropy(model.lm_head(h2).flatten(0, 1), labels.flatten(), reduction="none")
+    weights = per_sample_weights(sigma, weighting, edm)
+    ref_loss = (weights[:, None] * ref_ce.view_as(labels)).sum() / gvt
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(ce, ref_ce.sum() / gvt)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(head_grad, model.lm_head.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        torch.arange(24).repeat(2, 1),  # one document per row: causal fast paths
+        torch.stack([torch.cat([torch.arange(9), torch.arange(15)]),  # two documents
+                     torch.arange(3, 27)]),  # one document continued from the previous row
+    ],
+    ids=["single_doc", "multi_doc"],
+)
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])
+def test_structured_attention_equals_the_dense_mask(positions, kv_heads):
+    """CleanNoisySDPA (CPU path, no 2N × 2N mask) = SDPA with the dense mask of dblocks_mask_mod:
+    outputs and the gradients of q, k, v (also with grouped-query attention)."""
+    from dblocks_titan.models.dblocks_llama import CleanNoisyMask, CleanNoisySDPA
+
+    b, n, heads, hd = positions.shape[0], positions.shape[1], 3, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, 2 * n, heads, hd, generator=g, requires_grad=True)
+    k, v = (torch.randn(b, 2 * n, kv_heads, hd, generator=g, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(b, 2 * n, heads, hd, generator=g)
+    gqa = kv_heads != heads
+    attn = CleanNoisySDPA.Config().build()
+    out = attn(q, k, v, attention_masks=CleanNoisyMask.from_positions(positions), scale=0.3, enable_gqa=gqa)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    dense = dense_mask(dblocks_mask_mod(document_ids(positions), n), b, 2 * n)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=dense, scale=0.3, enable_gqa=gqa
+    ).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_modulated_norm_equals_norm_then_modulate():
+    from dblocks_titan.models.block_denoiser import modulated_norm
+    from dblocks_titan.models.conditioning import modulate
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1, generator=g)
+    x, shift, scale = (torch.randn(*s, generator=g, requires_grad=True) for s in ((2, 5, 8), (2, 8), (2, 8)))
+    grad_out = torch.randn(2, 5, 8, generator=g)
+    inputs = (x, shift, scale, norm.weight)
+    fused = modulated_norm(norm, x, shift, scale)
+    grads = torch.autograd.grad(fused, inputs, grad_out)
+    ref = modulate(norm(x), shift, scale)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    torch.testing.assert_close(fused, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)

@@ -51,6 +51,44 @@ class MaskedSDPA(Module):
         return out.transpose(1, 2)
 
 
+class _ModulatedRMSNorm(torch.autograd.Function):
+    """``y = x·r·w·(1 + scale) + shift`` with ``r = 1/√(mean(x²) + eps)`` over the last dim, saving
+    only x and r (x·r is recomputed in backward). Backward, with ``u = x·r·w`` and
+    ``g = dy·(1 + scale)·w``: dshift = Σ_L dy; dscale = Σ_L dy·u; dw = Σ_{B,L} dy·(1 + scale)·x·r;
+    dx = r·(g − x·r·mean(g·x·r)). Computed in fp32, returned in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shift, scale, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (xf * r) * weight.float() * (1 + scale.float()[:, None]) + shift.float()[:, None]
+        ctx.save_for_backward(x, r, weight, scale)
+        ctx.shift_dtype = shift.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r, weight, scale = ctx.saved_tensors
+        dy, w, s1 = dy.float(), weight.float(), 1 + scale.float()[:, None]
+        x_hat = x.float() * r
+        dy_s = dy * s1
+        g = dy_s * w
+        dx = r * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        dw = (dy_s * x_hat).sum((0, 1))
+        dscale = (dy * x_hat * w).sum(1)
+        dshift = dy.sum(1)
+        return dx.to(x.dtype), dw.to(weight.dtype), dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None
+
+
+def modulated_norm(norm: nn.RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``modulate(norm(x), shift, scale)`` as one op: autograd keeps x and 1/rms instead of x, the
+    normalised x and the modulated product (x [B, L, D]; shift, scale [B, D]). The norm's weight is
+    read directly, so call it only where the norm's parameters are materialised (inside the owning
+    layer's forward under FSDP)."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    return _ModulatedRMSNorm.apply(x, norm.weight, shift, scale, eps)
+
+
 class DBlockLayer(TransformerBlock):
     """llama3 layer with adaLN: ``x += gate·Attn(norm(x)·(1+scale)+shift)``, same for the MLP.
 
@@ -72,9 +110,9 @@ class DBlockLayer(TransformerBlock):
     def forward(self, x, c, attention_masks, positions):
         """x [B, L, D]; c [B, D] (already SiLU'd); positions [B, L]."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
-        h = modulate(self.attention_norm(x), shift_a, scale_a)
+        h = modulated_norm(self.attention_norm, x, shift_a, scale_a)
         x = x + gate_a[:, None] * self.attention(h, attention_masks, positions)
-        h = modulate(self.ffn_norm(x), shift_m, scale_m)
+        h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
         return x + gate_m[:, None] * self.feed_forward(h)
 
 
@@ -104,18 +142,26 @@ class BlockDenoiser(Decoder):
             check_num_blocks(len(self.layers), self.num_blocks)
 
         def block_flops(self, model: nn.Module, positions_per_token: int, head_positions_per_token: int, seq_len: int):
-            """(nparams, FLOPs per input token of one step with one block active):
-            ``6·(p·P_block + h·P_head) + 12·(L/B)·heads·2·head_dim·p²·N``, p positions per input
-            token in the layers (2 for the AR layout), h at the head."""
+            """(nparams, FLOPs per input token of one step with one block active), counting what runs:
+            ``6·(p·(L/B)·P_layer + h·P_head + P_once/N) + 6·(L/B)·heads·2·head_dim·p²·N`` with p positions
+            per input token in the layers (2 for the AR layout), h at the head, P_layer a layer's
+            parameters without its adaLN, and P_once the linears run once per sample (the block's adaLNs,
+            the final adaLN, the time embedder). The attention term is titan's
+            (``get_dense_model_nparams_and_flops``: no causal sparsity) at p·N keys for p·N queries."""
             nparams = sum(p.numel() for p in model.parameters())
-            layer_params = sum(p.numel() for p in model.layers["0"].parameters())
+            layer = model.layers["0"]
+            adaln_params = sum(p.numel() for p in layer.adaln.parameters())
+            layer_params = sum(p.numel() for p in layer.parameters()) - adaln_params
             block_layers = len(self.layers) // self.num_blocks
-            attn = self.layers[0].attention
+            once = block_layers * adaln_params + sum(
+                p.numel() for m in (model.final_adaln, model.t_embedder) for p in m.parameters()
+            )
+            attn = layer.attention
             head_dims = 2 * (self.dim // attn.n_heads)
             p = positions_per_token
             flops = 6 * (p * block_layers * layer_params + head_positions_per_token * self.dim * self.vocab_size)
-            flops += 12 * block_layers * attn.n_heads * head_dims * p * p * seq_len
-            return nparams, flops
+            flops += 6 * once / seq_len + 6 * block_layers * attn.n_heads * head_dims * p * p * seq_len
+            return nparams, int(flops)
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -139,10 +185,12 @@ class BlockDenoiser(Decoder):
             x = layer(x, c, attention_masks, positions)
         return x
 
-    def readout(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Shared final norm → final adaLN (shift/scale, zero-init) → head (zero-init) → logits."""
+    def readout(self, x: torch.Tensor, c: torch.Tensor, skip_lm_head: bool = False) -> torch.Tensor:
+        """Shared final norm → final adaLN (shift/scale, zero-init) → head (zero-init) → logits.
+        ``skip_lm_head``: return the head's input (for a loss that applies the head in chunks)."""
         shift, scale = self.final_adaln(c).chunk(2, dim=-1)
-        return self.lm_head(modulate(self.norm(x), shift, scale))
+        h = modulate(self.norm(x), shift, scale)
+        return h if skip_lm_head else self.lm_head(h)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchtitan.models.common import FlexAttention, ScaledDotProductAttention
 from torchtitan.models.common.attention import create_attention_mask
 from torchtitan.models.llama3.model import Llama3Model
+from torchtitan.protocols.module import Module
 
 from dblocks_titan.diffusion import EDMConfig, precondition
 from dblocks_titan.models.block_denoiser import (
@@ -37,13 +38,13 @@ from dblocks_titan.models.block_denoiser import (
     check_num_blocks,  # noqa: F401  (re-exported for callers of this module)
     decoder_parts,
     flavor_kwargs,
-    MaskedSDPA,
     resolve_attn_backend,
 )
 
 
 # --------------------------------------------------------------------------------------------
-# Attention: one mask definition, evaluated densely for SDPA (CPU) or as a FlexAttention mask.
+# Attention: one mask definition; FlexAttention evaluates it as a BlockMask (GPU), the SDPA path
+# (CPU) computes the same attention structurally, without a 2N × 2N mask.
 # --------------------------------------------------------------------------------------------
 
 
@@ -71,11 +72,89 @@ def document_ids(positions: torch.Tensor) -> torch.Tensor:
     return torch.cumsum((positions == 0).int(), dim=1)
 
 
-def dense_mask(mask_mod, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """Evaluate ``mask_mod`` on the full grid → bool [B, 1, L, L] for SDPA's ``attn_mask``."""
-    idx = torch.arange(length, device=device)
-    b = torch.arange(batch, device=device)[:, None, None]
-    return mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]
+@dataclass(frozen=True)
+class CleanNoisyMask:
+    """The ``[clean | noisy]`` mask for :class:`CleanNoisySDPA`: ``n`` clean slots, then ``n`` noisy
+    ones; ``doc_mask`` = None when every row is one document (causal fast paths), else the additive
+    document-causal mask [B, 1, N, N] over the clean tokens (0 allowed, −inf not)."""
+
+    n: int
+    doc_mask: torch.Tensor | None
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor) -> "CleanNoisyMask":
+        batch, n = positions.shape
+        if not (positions[:, 1:] == 0).any():
+            return cls(n, None)
+        ids = document_ids(positions)
+        allowed = (ids[:, :, None] == ids[:, None, :]).tril()
+        doc_mask = torch.zeros(batch, 1, n, n, device=positions.device).masked_fill(~allowed[:, None], float("-inf"))
+        return cls(n, doc_mask)
+
+
+class _NoisyAttention(torch.autograd.Function):
+    """Noisy query i over clean keys j ≤ i (``mask``: None = causal, else additive) plus its own key.
+
+    Forward: ``(o₁, ℓ₁)`` = flash attention over the clean keys (output and log-sum-exp); self
+    score ``s = scale·q·k_self``; ``ℓ = logaddexp(ℓ₁, s)``; ``o = e^{ℓ₁−ℓ}·o₁ + e^{s−ℓ}·v_self``.
+    Backward: the flash backward over the clean keys fed the merged ``o`` and ``ℓ`` gives exactly
+    the clean keys' share (it recomputes ``P = e^{S−ℓ}`` and uses ``D = rowsum(dO·o)``); the self
+    key adds ``p = e^{s−ℓ}``, ``dv_self = p·dO``, ``ds = p·(dO·v_self − D)``, ``dq += scale·ds·k_self``,
+    ``dk_self = scale·ds·q``. All [B, H, N, E]; CPU flash kernels (``aten`` ``…_for_cpu``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_self, v_self, mask, scale: float):
+        out1, lse1 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale
+        )
+        s = scale * (q.float() * k_self.float()).sum(-1)
+        lse = torch.logaddexp(lse1, s)
+        out = (torch.exp(lse1 - lse)[..., None] * out1.float() + torch.exp(s - lse)[..., None] * v_self.float()).to(q.dtype)
+        ctx.save_for_backward(q, k, v, k_self, v_self, mask, out, lse, s)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, k_self, v_self, mask, out, lse, s = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, mask is None, attn_mask=mask, scale=ctx.scale
+        )
+        do = dout.float()
+        p = torch.exp(s - lse)[..., None]
+        ds = ctx.scale * p * ((do * v_self.float()).sum(-1, keepdim=True) - (do * out.float()).sum(-1, keepdim=True))
+        dq = dq + (ds * k_self.float()).to(dq.dtype)
+        return dq, dk, dv, (ds * q.float()).to(k_self.dtype), (p * do).to(v_self.dtype), None, None
+
+
+class CleanNoisySDPA(Module):
+    """Inner attention of the ``[clean | noisy]`` layout (:func:`dblocks_mask_mod`) for CPU, exact and
+    without a 2N × 2N mask: clean queries = SDPA over the clean keys (causal, or the document-causal
+    mask); noisy queries = :class:`_NoisyAttention` (clean keys j ≤ i plus the self key merged by
+    log-sum-exp). ~N² + N scores instead of (2N)²; nothing of size [2N, 2N] is built or saved."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__()
+
+    def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks: CleanNoisyMask, scale=None, enable_gqa=False,
+                **kwargs):
+        if q_BLNH.device.type != "cpu":
+            raise ValueError("attn_backend 'sdpa' (CleanNoisySDPA) runs on CPU; use 'flex' or 'auto' on a GPU.")
+        q, k, v = (t.transpose(1, 2) for t in (q_BLNH, k_BLNH, v_BLNH))
+        if enable_gqa and k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        n, mask = attention_masks.n, attention_masks.doc_mask
+        mask = None if mask is None else mask.to(q.dtype)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        kc, vc = k[:, :, :n], v[:, :, :n]
+        clean = F.scaled_dot_product_attention(q[:, :, :n], kc, vc, attn_mask=mask, is_causal=mask is None, scale=scale)
+        noisy = _NoisyAttention.apply(q[:, :, n:], kc, vc, k[:, :, n:], v[:, :, n:], mask, scale)
+        return torch.cat([clean, noisy], dim=2).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,19 +193,19 @@ class DBlocksLlama(BlockDenoiser):
         self._mask_cache: tuple | None = None
 
     def get_attention_masks(self, positions: torch.Tensor):
-        """Mask for the 2N layout: a BlockMask for FlexAttention, else a dense bool tensor."""
-        batch, n = positions.shape
+        """Mask for the 2N layout: a BlockMask for FlexAttention, else a :class:`CleanNoisyMask`."""
         cached = self._mask_cache
         if cached is not None and cached[0].shape == positions.shape and torch.equal(cached[0], positions):
             return cached[1]  # the same document layout as the last batch (the common case)
-        mask_mod = dblocks_mask_mod(document_ids(positions), n)
         inner = self.config.first_attention.inner_attention
         if isinstance(inner, FlexAttention.Config):
+            batch, n = positions.shape
             mask = create_attention_mask(
-                mask_mod, batch, None, 2 * n, 2 * n, device=positions.device, BLOCK_SIZE=inner.block_size
+                dblocks_mask_mod(document_ids(positions), n), batch, None, 2 * n, 2 * n, device=positions.device,
+                BLOCK_SIZE=inner.block_size,
             )
         else:
-            mask = dense_mask(mask_mod, batch, 2 * n, positions.device)
+            mask = CleanNoisyMask.from_positions(positions)
         self._mask_cache = (positions.clone(), mask)
         return mask
 
@@ -140,8 +219,10 @@ class DBlocksLlama(BlockDenoiser):
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         block: int = 0,
+        skip_lm_head: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, N, V] for the noisy slots, running only ``block``'s layers.
+        """Logits [B, N, V] for the noisy slots, running only ``block``'s layers (``skip_lm_head``:
+        the head's input [B, N, D] instead, for a loss that applies the head in chunks).
 
         tokens, labels [B, N] (labels = next tokens); sigma [B] (fp32); noise [B, N, D].
         Without ``sigma``: σ = σ_max, z = σ_max·ε with a fixed-seed ε (no label information),
@@ -173,7 +254,7 @@ class DBlocksLlama(BlockDenoiser):
 
         h = self.norm(x[:, n:])
         denoised = c_skip * z + c_out * h.float()
-        return self.readout(denoised.to(h.dtype), c)
+        return self.readout(denoised.to(h.dtype), c, skip_lm_head)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +274,8 @@ FLAVORS = {
 
 def flavor_config(flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> DBlocksLlama.Config:
     """The AR DiffusionBlocks decoder of a flavor: FlexAttention + BlockMask ("flex", GPU) or
-    SDPA with the dense bool mask ("sdpa", CPU)."""
-    inner = FlexAttention.Config() if resolve_attn_backend(attn_backend) == "flex" else MaskedSDPA.Config()
+    :class:`CleanNoisySDPA` ("sdpa", CPU)."""
+    inner = FlexAttention.Config() if resolve_attn_backend(attn_backend) == "flex" else CleanNoisySDPA.Config()
     return DBlocksLlama.Config(**decoder_parts(adaln=True, inner_attention=inner, **flavor_kwargs(FLAVORS, flavor, vocab_size)))
 
 
