@@ -199,12 +199,19 @@ class DBlocksTrainer(Trainer):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
+            "num_blocks": self.config.dblocks.num_blocks,
             "block_schedule": self.schedule.state_dict(),
             "running_loss": dict(self.running_loss),
             "first_loss": dict(self.first_loss),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]):
+        saved = int(state_dict.get("num_blocks", self.config.dblocks.num_blocks))
+        if saved != self.config.dblocks.num_blocks:
+            raise ValueError(
+                f"the checkpoint was trained with dblocks.num_blocks = {saved} but this run has "
+                f"{self.config.dblocks.num_blocks}: resume with the same blocks, or start in a new --dump_folder"
+            )
         super().load_state_dict(state_dict)
         self.schedule.load_state_dict(state_dict["block_schedule"])
         self.running_loss = {int(k): float(v) for k, v in state_dict.get("running_loss", {}).items()}
