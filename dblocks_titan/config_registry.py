@@ -17,6 +17,7 @@ from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
+from torchtitan.components.quantization import Float8LinearConverter
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
@@ -38,9 +39,21 @@ MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm")
 MASKED_MODELS = ("dblocks_mdlm", "mdlm")
 
 
-def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> ModelSpec:
+FLOAT8 = ("none", "rowwise", "emulate")
+
+
+def model_registry(
+    name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, float8: str = "none",
+    compile: bool = False,
+) -> ModelSpec:
     """AR: ``dblocks_llama`` and its titan twin ``llama3``. Masked diffusion: ``dblocks_mdlm`` and
-    its end-to-end baseline ``mdlm`` (always bidirectional SDPA: ``attn_backend`` is not used)."""
+    its end-to-end baseline ``mdlm`` (always bidirectional SDPA: ``attn_backend`` is not used).
+
+    ``float8``: titan's ``Float8LinearConverter`` swaps every eligible Linear (both dims divisible by
+    16; the head excluded, as in titan's recipes) for torchao's Float8Linear: ``rowwise`` (H100-class
+    GPUs) or ``emulate`` (any device, eager only: for tests). ``compile`` tells it whether the
+    layers will be compiled.
+    """
     if name == "dblocks_llama":
         model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
     elif name == "llama3":
@@ -49,6 +62,13 @@ def model_registry(name: str, flavor: str, *, attn_backend: str = "auto", vocab_
         model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size)
     else:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
+    if float8 not in FLOAT8:
+        raise ValueError(f"[model] float8 must be one of {FLOAT8}, got {float8!r}.")
+    if float8 != "none":
+        converter = Float8LinearConverter.Config(
+            emulate=float8 == "emulate", model_compile_enabled=compile, filter_fqns=["lm_head"]
+        )
+        model = converter.build().convert(model)
     return ModelSpec(
         name=name,
         flavor=flavor,

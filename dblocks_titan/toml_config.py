@@ -2,7 +2,7 @@
 
 A TOML file is applied onto a base recipe (``config_registry.recipe``):
 
-1. ``[model] name, flavor, attn_backend, vocab_size`` pick the recipe (DiffusionBlocks trainer
+1. ``[model] name, flavor, attn_backend, vocab_size, float8`` pick the recipe (DiffusionBlocks trainer
    for ``dblocks_llama``, titan's Trainer for its ``llama3`` twin);
 2. ``[job] dump_folder, description`` → ``dump_folder`` (description is only logged);
 3. ``[tokenizer] type = "hf" | "tiktoken" | "sentencepiece", path`` → the tokenizer
@@ -38,7 +38,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 AC_TYPES = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
-MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size"}
+MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "float8"}
 OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
 
 
@@ -68,8 +68,12 @@ def build_config(table: dict[str, Any], where: str):
     table = dict(table)
     model = table.pop("model", {})
     _check_keys(model, MODEL_KEYS, "model", where)
-    config = recipe(model.get("name", "dblocks_llama"), model.get("flavor", "debugmodel"),
-                    **{k: model[k] for k in ("attn_backend", "vocab_size") if k in model})
+    compile_enabled = bool(table.get("compile", {}).get("enable", False))
+    try:
+        config = recipe(model.get("name", "dblocks_llama"), model.get("flavor", "debugmodel"), compile=compile_enabled,
+                        **{k: model[k] for k in ("attn_backend", "vocab_size", "float8") if k in model})
+    except ValueError as e:
+        raise TomlError(f"{where}: {e}") from None
 
     job = table.pop("job", {})
     _check_keys(job, {"dump_folder", "description"}, "job", where)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -159,3 +160,45 @@ def test_fake_backend_dry_run_configures_a_16_rank_mesh(tmp_path, mesh):
     assert proc.returncode == 0, out[-3000:]
     assert "Building device mesh with parallelism: pp=1, dp_replicate=2, dp_shard=8" in out
     assert "Applied HSDP to the model" in out and "global batch size 128" in out and "Training completed" in out
+
+
+def test_activation_checkpointing_and_compile_keep_the_fsdp_loss_trace(tmp_path):
+    """2 FSDP2 ranks: titan's full and selective AC, and per-layer torch.compile (inductor on CPU), applied
+    to the DiffusionBlocks layers, train to the same per-step losses as the plain run."""
+    base = [*TORCHRUN, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
+            "--training.steps", "4", "--validator.no-enable"]
+    variants = {"plain": [], "full_ac_compiled": ["--compile.enable", "activation-checkpoint:full"],
+                "selective_ac": ["activation-checkpoint:selective"]}
+    traces = {}
+    for name, extra in variants.items():
+        out = run([*base, "--dump_folder", str(tmp_path / name), *extra])
+        if name != "plain":
+            assert f"Applied {'Full' if 'full' in name else 'Selective'}AC activation checkpointing" in out
+        assert ("Compiling each TransformerBlock with torch.compile" in out) == ("compiled" in name)
+        traces[name] = [[r["loss"] for r in trace(tmp_path / name, rank)] for rank in range(2)]
+    for name in ("full_ac_compiled", "selective_ac"):
+        for rank in range(2):
+            assert traces[name][rank] == pytest.approx(traces["plain"][rank], rel=1e-5), name
+
+
+def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
+    """``[model] float8 = "emulate"``: titan's Float8LinearConverter swaps the DB layers' linears (attention,
+    MLP, adaLN) for torchao's Float8Linear (the head stays high precision), and the run trains like the
+    plain one (emulated float8 casts round the matmul inputs: losses agree to 1e-3)."""
+    from dblocks_titan.config_registry import model_registry
+
+    model = model_registry("dblocks_llama", "debugmodel", float8="emulate").model.build()
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds["lm_head"] == "Linear"
+    assert {k for k, v in kinds.items() if k.startswith("layers.0.")} and all(
+        v == "Float8Linear" for k, v in kinds.items() if k.startswith("layers."))
+    config = tmp_path / "f8.toml"
+    config.write_text((ROOT / "train_configs/debug_dblocks.toml").read_text()
+                      .replace('attn_backend = "auto"', 'attn_backend = "auto"\nfloat8 = "emulate"'))
+    common = ["--training.steps", "4", "--validator.no-enable"]
+    out = run([PY, "-m", "dblocks_titan.train", "--job.config_file", str(config), *common, "--dump_folder", str(tmp_path / "f8")])
+    assert "Swapped to Float8Linear layers" in out
+    run([PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml", *common,
+         "--dump_folder", str(tmp_path / "plain")])
+    f8, plain = ([r["loss"] for r in trace(tmp_path / d, 0)] for d in ("f8", "plain"))
+    assert f8 == pytest.approx(plain, rel=1e-3)

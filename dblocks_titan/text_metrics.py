@@ -1,0 +1,76 @@
+"""Sample-quality metrics on generated token ids (issue 5): diversity, repetition, entropy, and the
+generative-perplexity formula.
+
+A sample is a sequence of token ids: a list of ints or a 1-D LongTensor; ``samples`` is an iterable
+of them (a 2-D tensor works too: its rows are the samples). N-grams never cross sample boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+
+def _ids(sample) -> list[int]:
+    """One sample as a list of ints."""
+    if isinstance(sample, torch.Tensor):
+        if sample.dim() != 1:
+            raise ValueError(f"a sample must be a 1-D tensor of token ids, got shape {tuple(sample.shape)}")
+        return sample.tolist()
+    return [int(t) for t in sample]
+
+
+def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
+    """The ``len(ids) − n + 1`` contiguous n-grams of ``ids`` (none when ``n > len(ids)``)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+def distinct_n(samples, n: int) -> float:
+    """distinct-n (Li et al., 2016): |unique n-grams over all samples| / |n-grams over all samples|;
+    0.0 when there are no n-grams."""
+    grams = [g for s in samples for g in _ngrams(_ids(s), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def seq_rep_n(samples, n: int) -> float:
+    """seq-rep-n (Welleck et al., 2019): per sample, 1 − |unique n-grams| / |n-grams|, i.e. the
+    fraction of its n-grams that already occurred earlier in the same sample; averaged over the
+    samples that have at least one n-gram; 0.0 when none has."""
+    reps = []
+    for s in samples:
+        grams = _ngrams(_ids(s), n)
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    return sum(reps) / len(reps) if reps else 0.0
+
+
+def unigram_entropy(samples) -> float:
+    """Entropy in nats of the empirical token distribution pooled over all samples:
+    H = −Σ_v p_v·ln p_v, p_v = count(v) / total tokens; 0.0 when there are no tokens."""
+    counts = Counter(t for s in samples for t in _ids(s))
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+
+
+def generative_perplexity(nll_sum: float, num_tokens: int) -> float:
+    """Generative perplexity of samples scored by a reference model: exp(nll_sum / num_tokens), with
+    ``nll_sum`` the summed −ln p_ref (nats) over the ``num_tokens`` scored tokens."""
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return math.exp(nll_sum / num_tokens)
+
+
+def sample_metrics(samples) -> dict[str, float]:
+    """distinct-1/2/3, seq-rep-2/3/4, unigram entropy (nats) and mean length (tokens per sample;
+    0.0 for no samples) of ``samples``."""
+    samples = [_ids(s) for s in samples]
+    return {
+        **{f"distinct_{n}": distinct_n(samples, n) for n in (1, 2, 3)},
+        **{f"seq_rep_{n}": seq_rep_n(samples, n) for n in (2, 3, 4)},
+        "unigram_entropy": unigram_entropy(samples),
+        "mean_length": sum(map(len, samples)) / len(samples) if samples else 0.0,
+    }
