@@ -1,6 +1,7 @@
 """Real training processes: one process and 2-rank torchrun + gloo (FSDP2), on CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,3 +203,17 @@ def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
          "--dump_folder", str(tmp_path / "plain")])
     f8, plain = ([r["loss"] for r in trace(tmp_path / d, 0)] for d in ("f8", "plain"))
     assert f8 == pytest.approx(plain, rel=1e-3)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = subprocess.run([PY, "tests/helpers/nan_at_step.py", str(tmp_path), "3"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "RuntimeError: Loss is not finite (nan) at step 3" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-2"]
+    out = run([PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
+               "--dump_folder", str(tmp_path), "--training.steps", "6", "--validator.no-enable", "--checkpoint.enable",
+               "--checkpoint.interval", "2"])
+    assert "Training starts at step 3" in out and "Training completed" in out
+    losses = [r["loss"] for r in trace(tmp_path, 0)]
+    assert all(math.isfinite(x) for x in losses[-4:]) and [r["step"] for r in trace(tmp_path, 0)][-4:] == [3, 4, 5, 6]
