@@ -206,7 +206,7 @@ def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    proc = subprocess.run([PY, "tests/helpers/nan_at_step.py", str(tmp_path), "3"], cwd=ROOT, env=ENV,
+    proc = subprocess.run([PY, "tests/helpers/faults.py", "nan", str(tmp_path), "3", "6"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "RuntimeError: Loss is not finite (nan) at step 3" in proc.stderr
@@ -217,3 +217,19 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "Training starts at step 3" in out and "Training completed" in out
     losses = [r["loss"] for r in trace(tmp_path, 0)]
     assert all(math.isfinite(x) for x in losses[-4:]) and [r["step"] for r in trace(tmp_path, 0)][-4:] == [3, 4, 5, 6]
+
+
+@pytest.mark.skipif(os.environ.get("DBLOCKS_FAULT_TESTS") != "1", reason="flaky on CPU/gloo (about 1 run in 6 fails to "
+                    "re-connect after the kill); run with DBLOCKS_FAULT_TESTS=1")
+def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
+    """2 FSDP ranks under ``torchrun --max-restarts 3``: rank 1 dies abruptly at step 5; torchrun restarts
+    both, they resume from the step-4 checkpoint and finish with the uninterrupted run's losses. (More than
+    one restart is allowed because gloo's re-connection right after a kill is sometimes refused on CPU.)"""
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run([*launch, "tests/helpers/faults.py", "none", str(tmp_path / "whole"), "0", "8"])
+    out = run([*launch, "--max-restarts", "3", "tests/helpers/faults.py", "die", str(tmp_path / "killed"), "5", "8"])
+    assert (tmp_path / "killed" / "died").exists() and "Training starts at step 5" in out
+    for r in range(2):
+        whole, killed = trace(tmp_path / "whole", r), trace(tmp_path / "killed", r)
+        assert [x["step"] for x in whole] == list(range(1, 9))
+        assert {x["step"]: x["loss"] for x in killed} == {x["step"]: x["loss"] for x in whole}
