@@ -156,6 +156,20 @@ def _apply_optimizer(config, table: dict[str, Any], where: str) -> None:
         group.optimizer_kwargs.update({k: tuple(v) if k == "betas" else v for k, v in table.items() if k != "name"})
 
 
+FLAG_ALIASES = {  # titan 0.2 spellings → titan 0.3 flags
+    "--job.dump_folder": "--dump_folder",
+    "--optimizer.lr": "--optimizer.param-groups.0.optimizer-kwargs.lr",
+    "--optimizer.weight_decay": "--optimizer.param-groups.0.optimizer-kwargs.weight-decay",
+}
+
+
+def _titan_03_flag(arg: str) -> str:
+    """``--job.dump_folder``, ``--optimizer.lr`` and ``--optimizer.weight_decay`` (param group 0: the
+    only one our recipes build) as titan 0.3 spells them; any other argument unchanged."""
+    flag, eq, value = arg.partition("=")
+    return FLAG_ALIASES.get(flag, flag) + eq + value
+
+
 class TomlConfigManager(ConfigManager):
     """titan's ConfigManager, plus ``--job.config_file X.toml`` as the source of defaults."""
 
@@ -167,8 +181,8 @@ class TomlConfigManager(ConfigManager):
                 config_file = next(it, None)
             elif arg.startswith("--job.config_file="):
                 config_file = arg.split("=", 1)[1]
-            else:  # titan 0.2's --job.dump_folder is 0.3's --dump_folder
-                rest.append(arg.replace("--job.dump_folder", "--dump_folder", 1))
+            else:
+                rest.append(_titan_03_flag(arg))
         if config_file is None:
             return super()._load_config(args)
         return load_toml(config_file), rest

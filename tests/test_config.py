@@ -108,8 +108,11 @@ def test_cuda_graphs_must_be_off(tmp_path):
 def test_cli_flags_override_the_file():
     config = TomlConfigManager().parse_args(
         ["--job.config_file", str(TRAIN_CONFIGS / "debug_dblocks.toml"), "--training.steps", "7",
-         "--dblocks.gamma", "0.2", "--job.dump_folder", "/tmp/elsewhere"])
+         "--dblocks.gamma", "0.2", "--job.dump_folder", "/tmp/elsewhere", "--optimizer.lr", "5e-4",
+         "--optimizer.weight_decay=0.01"])
     assert config.training.steps == 7 and config.dblocks.gamma == 0.2 and config.dump_folder == "/tmp/elsewhere"
+    assert config.optimizer.param_groups[0].optimizer_kwargs["lr"] == 5e-4
+    assert config.optimizer.param_groups[0].optimizer_kwargs["weight_decay"] == 0.01
     assert config.dblocks.num_blocks == 4  # the rest still comes from the file
 
 
