@@ -188,6 +188,14 @@ def split_text(dataset: str, path: str | None, split: str, markov_order: int = 1
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
 
 
+@lru_cache(maxsize=6)
+def split_ids(dataset: str, path: str | None, split: str, markov_order: int = 1, markov_seed: int = 0) -> torch.Tensor:
+    """:func:`split_text` encoded by the :class:`CharTokenizer` (uint8, one byte a character; cached: the
+    loader's check encodes it before the model is built, the loader then reads it, the validator rebuilds
+    its loader at every validation). Raises on characters outside the alphabet."""
+    return CharTokenizer().encode_to_tensor(split_text(dataset, path, split, markov_order, markov_seed))
+
+
 # ---- dataloader -----------------------------------------------------------------------------------
 
 
@@ -267,8 +275,8 @@ class Text8DataLoader(ParallelAwareDataloader):
     """Batches ``({"input": x}, labels)`` of non-overlapping ``seq_len``-character chunks of one split, x and
     labels both LongTensor [B, seq_len] and equal (a masked-diffusion model denoises the chunk itself).
 
-    1. The split's text (:func:`split_text`, cached) is encoded once by the :class:`CharTokenizer` into one
-       uint8 tensor; a chunk is a slice of it, so 90M characters take 90 MB.
+    1. The split is encoded once by the :class:`CharTokenizer` into one uint8 tensor (:func:`split_ids`,
+       cached); a chunk is a slice of it, so 90M characters take 90 MB.
     2. :class:`Text8Chunks` gives this rank its disjoint, equal-sized share of the chunks.
     3. :class:`ChunkSampler` orders them: the train split (with ``shuffle``) in a fresh seeded permutation
        each epoch; validation and test always in corpus order, so every build yields the same batches.
@@ -315,8 +323,7 @@ class Text8DataLoader(ParallelAwareDataloader):
                 if not self.dataset_path:
                     raise ValueError(f"dataset 'text8' needs {_PATH_FLAG} pointing at text8 or text8.zip")
                 _open_files(self.dataset_path, "text8")
-                # read (cached for the build) and check the alphabet now, before a model is built
-                CharTokenizer().encode_to_tensor(split_text("text8", self.dataset_path, self.split))
+                split_ids("text8", self.dataset_path, self.split)  # read + alphabet check now (cached for the build)
             elif self.dataset == "markov" and self.dataset_path:
                 raise ValueError(f"dataset 'markov' is generated, not read: unset {_PATH_FLAG}")
             elif self.dataset == "shakespeare_text8" and self.dataset_path:
@@ -340,16 +347,16 @@ class Text8DataLoader(ParallelAwareDataloader):
                 f"Text8DataLoader needs the character tokenizer, got {type(tokenizer).__name__}: set the "
                 "recipe's tokenizer to dblocks_titan.data.text8.CharTokenizer.Config()"
             )
-        text = split_text(config.dataset, config.dataset_path, config.split, config.markov_order, config.markov_seed)
-        chunks = Text8Chunks(tokenizer.encode_to_tensor(text), seq_len, dp_rank, dp_world_size)
+        ids = split_ids(config.dataset, config.dataset_path, config.split, config.markov_order, config.markov_seed)
+        chunks = Text8Chunks(ids, seq_len, dp_rank, dp_world_size)
         if chunks.n_local == 0:
             raise ValueError(
-                f"{config.dataset} {config.split} has {len(text):,} characters = {chunks.n_chunks} chunks of "
+                f"{config.dataset} {config.split} has {ids.numel():,} characters = {chunks.n_chunks} chunks of "
                 f"{seq_len}, too few for {dp_world_size} data-parallel rank(s); lower --training.seq_len"
             )
         shuffle = config.shuffle and config.split == "train"
         logger.info(
-            f"{config.dataset} {config.split}: {len(text):,} chars, {chunks.n_chunks:,} chunks of {seq_len}, "
+            f"{config.dataset} {config.split}: {ids.numel():,} chars, {chunks.n_chunks:,} chunks of {seq_len}, "
             f"{chunks.n_local:,} on dp rank {dp_rank}/{dp_world_size} ({'shuffled' if shuffle else 'in order'})"
         )
         super().__init__(
