@@ -13,13 +13,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from torchtitan.components.validate import Validator
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 
 from dblocks_titan.diffusion import block_t_range, T_MIN, t_to_block
+from dblocks_titan.objectives import absorb, masked_nelbo
 
 
 @torch.no_grad()
@@ -45,12 +45,9 @@ def nelbo_per_range(
             u = torch.rand(batch, generator=generator, device=x.device)
             t = (lo + (hi - lo) * (k + u) / t_samples).clamp_min(T_MIN)
             assert bool((t_to_block(t, model.num_blocks) == block).all()), "t must be evaluated by its owning block"
-            masked = torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]
-            x_t = torch.where(masked, mask_id, x)
-            logits = model(x_t, t=t, block=block)
-            nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-            per_seq = torch.where(masked, nll, 0.0).sum(-1) / t
-            out[r] += (hi - lo) / t_samples * per_seq.double().sum()
+            c = absorb(x, t, mask_id=mask_id, generator=generator)
+            integrand = masked_nelbo(model(c.x_t, t=t, block=block), x, c, global_valid_tokens=1)
+            out[r] += (hi - lo) / t_samples * integrand.double()
     return out
 
 

@@ -95,13 +95,19 @@ class MaskedCorruption:
     masked: torch.Tensor  # [B, N] bool
 
 
+def absorb(x: torch.Tensor, t: torch.Tensor, *, mask_id: int, generator: torch.Generator) -> MaskedCorruption:
+    """x_t: each token of the clean sequence ``x`` [B, N] replaced by [MASK] with probability ``t_i``
+    [B] (α(t) = 1 − t)."""
+    masked = torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]
+    return MaskedCorruption(x_t=torch.where(masked, mask_id, x), t=t, masked=masked)
+
+
 def masked_corrupt(
     x: torch.Tensor, *, block: int, num_blocks: int, gamma: float, mask_id: int, generator: torch.Generator
 ) -> MaskedCorruption:
     """Absorbing corruption of the clean sequence ``x`` [B, N] at a t drawn for ``block``."""
     t = sample_t(block, num_blocks, x.shape[0], gamma, generator=generator, antithetic=True, device=x.device)
-    masked = torch.rand(x.shape, generator=generator, device=x.device) < t[:, None]
-    return MaskedCorruption(x_t=torch.where(masked, mask_id, x), t=t, masked=masked)
+    return absorb(x, t, mask_id=mask_id, generator=generator)
 
 
 def masked_nelbo(

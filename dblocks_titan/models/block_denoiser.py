@@ -34,9 +34,9 @@ from dblocks_titan.models.conditioning import modulate, TimestepEmbedder, ZERO_I
 
 
 class MaskedSDPA(Module):
-    """Inner attention: ``F.scaled_dot_product_attention`` with an optional explicit bool mask
-    (``None`` = bidirectional). titan's ``ScaledDotProductAttention`` accepts only ``is_causal``,
-    and FlexAttention has no backward on CPU."""
+    """Inner attention: ``F.scaled_dot_product_attention`` with an optional explicit mask (``None`` =
+    bidirectional, what the masked-diffusion models use). titan's ``ScaledDotProductAttention`` is
+    causal unless its caller passes ``is_causal=False``, which titan's attention module does not."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
