@@ -168,13 +168,14 @@ class BlockDenoiser(Decoder):
         self.t_embedder = config.t_embedder.build()
         self.final_adaln = config.final_adaln.build()
         self.num_blocks = config.num_blocks
+        self.n_layers = len(config.layers)  # block-parallel ranks hold only their block's layers
 
     def block_layers(self, block: int) -> list[nn.Module]:
         """The L/B layers of ``block`` (block 0 = the first layers = the noisiest range)."""
         if not 0 <= block < self.num_blocks:
             raise ValueError(f"block must be in [0, {self.num_blocks}), got {block}.")
-        per_block = len(self.layers) // self.num_blocks
-        return list(self.layers.values())[block * per_block : (block + 1) * per_block]
+        per_block = self.n_layers // self.num_blocks
+        return [self.layers[str(i)] for i in range(block * per_block, (block + 1) * per_block)]
 
     def conditioning(self, noise_label: torch.Tensor) -> torch.Tensor:
         """``c = SiLU(emb(noise_label))`` [B, D], fed to every adaLN."""
