@@ -15,7 +15,6 @@ from pathlib import Path
 
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
-from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
 from torchtitan.components.quantization import Float8LinearConverter
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
@@ -28,6 +27,7 @@ from torchtitan.trainer import Trainer
 
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
+from dblocks_titan.metrics import JsonlMetricsProcessor
 from dblocks_titan.models import dblocks_llama, mdlm
 from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
@@ -100,7 +100,7 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
             enable=True, freq=50, steps=1,
             dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare_validation", infinite=False),
         ),
-        metrics=MetricsProcessor.Config(log_freq=10),
+        metrics=JsonlMetricsProcessor.Config(log_freq=10),  # + dump_folder/metrics.jsonl
         parallelism=ParallelismConfig(spmd_backend=compat.default_spmd_backend()),
         checkpoint=CheckpointManager.Config(interval=500, last_save_model_only=False),
         activation_checkpoint=None,

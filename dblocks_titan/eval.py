@@ -1,62 +1,371 @@
 """Evaluate a checkpoint: ``[torchrun ...] python -m dblocks_titan.eval --job.config_file X.toml [flags]``.
 
-The run of ``X.toml`` is built exactly as training builds it (same CLI flags and overrides), its
-DCP checkpoint is loaded (the latest under ``dump_folder/checkpoint.folder``, or
+Every model: the run of ``X.toml`` is built exactly as training builds it (same CLI flags and
+overrides), its DCP checkpoint is loaded (the latest under ``dump_folder/checkpoint.folder``, or
 ``--checkpoint.load_step N``), and the config's validator runs once: the exact NELBO / BPC with each
-t range's share for masked diffusion (:class:`dblocks_titan.nelbo.NELBOValidator`), CE at σ_max on
-the held-out batches for AR. Raise ``--validator.steps`` / ``--validator.t_samples`` for a tighter
-number than the one logged during training. The metrics are printed and written next to the
+t range's share for masked diffusion (:class:`dblocks_titan.nelbo.NELBOValidator`), CE on the
+held-out batches for AR. Raise ``--validator.steps`` / ``--validator.t_samples`` for a tighter number
+than the one logged during training.
+
+AR models (``dblocks_llama`` and its titan twin ``llama3``) then, on rank 0, with an unsharded copy
+of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
+
+1. ``ce``, ``perplexity``: the validator's CE and exp(CE). For DiffusionBlocks it is CE at σ_max
+   through block 0, the number comparable with the baseline's CE (METHOD.md §6).
+2. DiffusionBlocks only, on the validator's first ``--validator.steps`` batches with seeded noise:
+   ``ce_per_level`` at ``sigma_levels`` = ``inference_sigmas(N)`` (N = ``--eval.num_levels``, default
+   B), level j run by block ``level_blocks[j]``; ``ce_per_block``: block b at σ drawn in its own range.
+3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
+   ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
+   continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
+   of ``new_tokens`` tokens per prompt. ``generation/*``: distinct-1/2/3, seq-rep-2/3/4, unigram
+   entropy of the samples; ``heldout/*``: the same for the true continuations.
+4. With ``--eval.reference_config R.toml`` (a titan ``llama3`` baseline run; its checkpoint is read
+   from ``--eval.reference_dump``, default R's dump_folder): ``generation/gen_ppl`` = exp(mean NLL of
+   the sampled tokens under the reference given the prompt), ``heldout/gen_ppl`` the same for the
+   true continuations, and ``generation/mauve``: MAUVE of the samples (P) against the true
+   continuations (Q), features = the reference's final hidden states mean-pooled over the continuation.
+
+The ``--eval.*`` flags are parsed here (argparse) and removed before titan's parser reads the rest;
+``--help`` lists them before titan's flags. Every input (the checkpoint exists and fits the model's
+weights and num_blocks; the reference is a baseline with the same tokenizer; generation windows fit
+``training.seq_len`` and the held-out split) is checked before any model is built: a failure exits with
+one line ``dblocks_titan.eval: error: ...``. The metrics are printed and written next to the
 checkpoint as ``<dump_folder>/<checkpoint.folder>/eval_step<N>.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
+import math
 import os
+import re
 import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.distributed.checkpoint as dcp
 
 import dblocks_titan  # noqa: F401  (applies the compat patches before titan is imported)
+from torchtitan.components.checkpoint import DATALOADER, LR_SCHEDULER, OPTIMIZER, TRAIN_STATE
+from torchtitan.tools.logging import init_logger
+
+from dblocks_titan.ar_eval import generate_continuations, heldout_windows, reference_scores, sigma_ce
+from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.text_metrics import generative_perplexity, mauve, sample_metrics
+from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
 from dblocks_titan.train import _single_process_env
 
+AR_MODELS = ("dblocks_llama", "llama3")
+PROBE_TEXT = "The quick brown fox, 1234 jumps over the lazy dog!"  # tokenizer identity check
+NUM_EXAMPLES = 3  # decoded samples kept in the JSON
+DB_ONLY = ("bridge", "num_levels")  # --eval.* options of the DiffusionBlocks sampler
 
-def checkpoint_folder(config) -> str:
-    """The run's checkpoint folder; a one-line error when it holds no ``step-N`` checkpoint."""
-    from dblocks_titan.toml_config import InputError
 
-    folder = os.path.join(config.dump_folder, config.checkpoint.folder)
-    steps = [d for d in os.listdir(folder) if d.startswith("step-")] if os.path.isdir(folder) else []
+def _flag(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalOptions:
+    """The ``--eval.*`` flags (AR models only)."""
+
+    prompts: int = _flag(1000, "held-out prompts to continue (paper: 1000; 0 = no generation)")
+    continuations: int = _flag(5, "samples per prompt (paper: 5)")
+    new_tokens: int = _flag(50, "tokens per sample (paper: 50)")
+    prompt_len: int = _flag(32, "prompt tokens")
+    batch_size: int = _flag(64, "rows per generation / reference batch")
+    temperature: float = _flag(1.0, "sampling temperature (0 = argmax)")
+    top_p: float = _flag(1.0, "nucleus mass (1 = the full distribution)")
+    bridge: str = _flag("soft", "DiffusionBlocks sampler's x0 estimate: soft (the authors') | hard")
+    num_levels: int = _flag(0, "σ levels of the CE-per-level grid and of the DiffusionBlocks sampler (0 = num_blocks)")
+    seed: int = _flag(0, "seed of the evaluation noise, the σ draws and the sampling")
+    reference_config: str | None = _flag(None, "TOML of a titan llama3 baseline run that scores the samples "
+                                               "(gen-ppl, MAUVE features)")
+    reference_dump: str | None = _flag(None, "dump_folder of that run (default: the one in its TOML)")
+    reference_step: int = _flag(-1, "checkpoint step of that run (-1 = latest)")
+    mauve_buckets: str = _flag("auto", "MAUVE k-means buckets: an integer, or auto (= min(samples)/10)")
+
+
+def eval_flag_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dblocks_titan.eval", add_help=False, allow_abbrev=False,
+                                     description="Evaluation flags (AR models); every other flag goes to titan.")
+    for f in fields(EvalOptions):
+        parser.add_argument(
+            f"--eval.{f.name}", dest=f.name, type=str if f.default is None else type(f.default), default=f.default,
+            metavar=f.name.upper(), help=f"{f.metadata['help']} (default: %(default)s)",
+            **({"choices": ("soft", "hard")} if f.name == "bridge" else {}),
+        )
+    return parser
+
+
+def parse_eval_flags(argv: list[str]) -> tuple[EvalOptions | None, list[str]]:
+    """(options, the other arguments); options None when no ``--eval.*`` flag was given."""
+    parser = eval_flag_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+    namespace, rest = parser.parse_known_args(argv)
+    given = any(arg.startswith("--eval.") for arg in argv)
+    return (EvalOptions(**vars(namespace)) if given else None), rest
+
+
+def resolve_options(config, opts: EvalOptions) -> EvalOptions:
+    """``num_levels`` 0 → the run's num_blocks; the DiffusionBlocks-only options refused for the baseline."""
+    if config.model_spec.name == "llama3":
+        if any(getattr(opts, k) != getattr(EvalOptions(), k) for k in DB_ONLY):
+            raise InputError("--eval.bridge and --eval.num_levels apply to DiffusionBlocks models; the titan "
+                             "baseline samples each next token directly")
+        return opts
+    return replace(opts, num_levels=opts.num_levels or config.dblocks.num_blocks)
+
+
+def check_options(opts: EvalOptions, seq_len: int) -> None:
+    if opts.prompts < 0:
+        raise InputError(f"--eval.prompts must be >= 0, got {opts.prompts}")
+    if opts.prompts == 0 and opts.reference_config:
+        raise InputError("--eval.reference_config scores generated samples: it needs --eval.prompts > 0")
+    for name in ("continuations", "new_tokens", "prompt_len", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise InputError(f"--eval.{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.prompts and opts.prompt_len + opts.new_tokens > seq_len:
+        raise InputError(f"--eval.prompt_len + --eval.new_tokens = {opts.prompt_len + opts.new_tokens} exceeds the "
+                         f"model's training.seq_len {seq_len}: shorten them")
+    if opts.temperature < 0 or not 0 < opts.top_p <= 1 or opts.num_levels < 0:
+        raise InputError("need --eval.temperature >= 0, 0 < --eval.top_p <= 1 and --eval.num_levels >= 0")
+    if opts.mauve_buckets != "auto" and not opts.mauve_buckets.isdigit():
+        raise InputError(f"--eval.mauve_buckets must be an integer or auto, got {opts.mauve_buckets!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: found and checked against the model before anything is built
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(dump_folder: str, folder: str, step: int, *,
+                   flags: tuple[str, str] = ("--job.dump_folder", "--checkpoint.load_step")) -> str:
+    """The ``step-N`` folder titan's checkpointer loads (``step``, or the latest when −1); a one-line
+    error naming the dump-folder or step flag when there is none."""
+    root = os.path.join(dump_folder, folder)
+    steps = sorted(
+        int(m.group(1)) for d in (os.listdir(root) if os.path.isdir(root) else [])
+        if (m := re.fullmatch(r"step-(\d+)", d)) and os.path.isfile(os.path.join(root, d, ".metadata"))
+    )
     if not steps:
         raise InputError(
-            f"no checkpoint under {folder}: train the config with [checkpoint] enable = true first, "
-            "or point --job.dump_folder at the run to evaluate"
+            f"no checkpoint under {root}: train the config with [checkpoint] enable = true first, "
+            f"or point {flags[0]} at the run's dump folder"
         )
-    step = config.checkpoint.load_step
-    if step != -1 and f"step-{step}" not in steps:
-        raise InputError(f"--checkpoint.load_step {step} not in {folder} (it has {', '.join(sorted(steps))})")
-    return folder
+    if step != -1 and step not in steps:
+        raise InputError(f"{flags[1]} {step} not in {root} (it has steps {', '.join(map(str, steps))})")
+    return os.path.join(root, f"step-{steps[-1] if step == -1 else step}")
 
 
-def evaluate(config) -> dict:
-    """Build the trainer of ``config``, load its checkpoint, run its validator once → the logged metrics."""
+def check_weights(config, step_dir: str) -> None:
+    """The checkpoint holds exactly the weights of the config's model, at its shapes, and (for a
+    DiffusionBlocks run) was trained with the config's ``dblocks.num_blocks``."""
+    spec = config.model_spec
+    what = f"model {spec.name!r} flavor {spec.flavor!r}"
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in spec.model.build().state_dict().items()}
+    metadata = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    saved = {k: tuple(v.size) for k, v in metadata.items()
+             if k.split(".")[0] not in (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE)}
+    for missing, holder, lacker in ((expected.keys() - saved.keys(), what, "the checkpoint"),
+                                    (saved.keys() - expected.keys(), "the checkpoint", what)):
+        if missing:
+            raise InputError(f"{step_dir} is not a checkpoint of {what}: {holder} has {min(missing)!r} "
+                             f"({len(missing)} such weights) that {lacker} lacks; use the config it was trained with")
+    for key in sorted(expected):
+        if expected[key] != saved[key]:
+            raise InputError(f"{step_dir} does not fit {what}: {key!r} is {list(saved[key])} there but "
+                             f"{list(expected[key])} in the model; use the config it was trained with")
+    dblocks = getattr(config, "dblocks", None)
+    if dblocks is not None and f"{TRAIN_STATE}.num_blocks" in metadata:
+        state = {f"{TRAIN_STATE}.num_blocks": None}
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads, as intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=step_dir, no_dist=True)
+        trained = state[f"{TRAIN_STATE}.num_blocks"]
+        if trained != dblocks.num_blocks:
+            raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {trained} but the config has "
+                             f"{dblocks.num_blocks}: pass --dblocks.num_blocks {trained}")
+
+
+def load_plain_model(model_config, step_dir: str, device):
+    """An unsharded copy of the checkpoint's model in eval mode: built on ``device`` as titan builds
+    it (meta, ``to_empty``, ``init_states`` for the buffers), then every weight read from ``step_dir``."""
+    with torch.device("meta"):
+        model = model_config.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_states(buffer_device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        state = model.state_dict()  # titan's fused wqkv is saved (and listed here) as wq, wk, wv copies
+        dcp.load(state, checkpoint_id=step_dir, no_dist=True)
+    model.load_state_dict(state)  # its load hook fuses them back
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# AR: inputs prepared (and checked) before the build, metrics after the validator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ARPlan:
+    windows: torch.Tensor  # LongTensor [prompts, prompt_len + new_tokens]: prompt | true continuation
+    reference: object | None  # the reference's Trainer.Config (a titan llama3 run), or None
+    reference_dir: str | None  # its checkpoint's step folder
+
+
+def heldout_batches(config, tokenizer):
+    """The validator's held-out split from its start, read whole by one reader."""
+    loader = replace(config.validator.dataloader, infinite=False)
+    return loader.build(dp_world_size=1, dp_rank=0, tokenizer=tokenizer, seq_len=config.training.seq_len,
+                        local_batch_size=config.training.local_batch_size)
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab_size() == b.get_vocab_size() and a.encode(PROBE_TEXT) == b.encode(PROBE_TEXT)
+
+
+def check_reference(opts: EvalOptions, tokenizer) -> tuple:
+    """(reference Trainer.Config, its step folder): a titan ``llama3`` run with the evaluated
+    model's tokenizer whose checkpoint fits it."""
+    path = opts.reference_config
+    try:
+        ref = load_toml(path)
+        ref_tokenizer = ref.tokenizer.build(tokenizer_path=ref.hf_assets_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--eval.reference_config {path}: {e}") from None
+    if ref.model_spec.name != "llama3":
+        raise InputError(f"--eval.reference_config {path} is a {ref.model_spec.name!r} run: the reference must be "
+                         "a titan baseline ([model] name = \"llama3\")")
+    if not same_tokenizer(tokenizer, ref_tokenizer):
+        raise InputError(f"--eval.reference_config {path} uses another tokenizer than the evaluated run: gen-ppl "
+                         "and MAUVE need the same token ids")
+    step_dir = checkpoint_dir(opts.reference_dump or ref.dump_folder, ref.checkpoint.folder, opts.reference_step,
+                              flags=("--eval.reference_dump", "--eval.reference_step"))
+    check_weights(ref, step_dir)
+    return ref, step_dir
+
+
+def prepare_ar(config, opts: EvalOptions) -> ARPlan:
+    """Check the options and the reference, and read the prompt windows (cheap), before the build."""
+    check_options(opts, config.training.seq_len)
+    check_inputs(config)
+    tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+    reference, reference_dir = check_reference(opts, tokenizer) if opts.reference_config else (None, None)
+    length = opts.prompt_len + opts.new_tokens
+    windows = heldout_windows(heldout_batches(config, tokenizer), num=opts.prompts, length=length)
+    if len(windows) < opts.prompts:
+        raise InputError(f"the held-out split {config.validator.dataloader.dataset!r} has {len(windows)} windows of "
+                         f"{length} tokens (--eval.prompt_len + --eval.new_tokens), fewer than --eval.prompts "
+                         f"{opts.prompts}: lower one of them")
+    return ARPlan(windows=windows, reference=reference, reference_dir=reference_dir)
+
+
+def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dict:
+    """Sample continuations of the plan's prompts, then diversity / repetition / entropy, and with a
+    reference gen-ppl and MAUVE (see the module docstring)."""
+    device = next(model.parameters()).device
+    prompts, truth = plan.windows[:, : opts.prompt_len], plan.windows[:, opts.prompt_len :]
+    sampler = dict(temperature=opts.temperature, top_p=opts.top_p)
+    if isinstance(model, DBlocksLlama):
+        sampler.update(bridge=opts.bridge, num_levels=opts.num_levels)
+    samples = generate_continuations(
+        model, prompts.to(device), continuations=opts.continuations, new_tokens=opts.new_tokens,
+        batch_size=opts.batch_size, generator=torch.Generator(device=device).manual_seed(opts.seed), **sampler,
+    ).cpu()
+    out = {f"generation/{k}": v for k, v in sample_metrics(samples).items()}
+    out.update({f"heldout/{k}": v for k, v in sample_metrics(truth).items()})
+    out["generation/examples"] = [
+        {"prompt": tokenizer.decode(prompts[i].tolist()),
+         "sample": tokenizer.decode(samples[i * opts.continuations].tolist()),
+         "heldout": tokenizer.decode(truth[i].tolist())}
+        for i in range(min(NUM_EXAMPLES, len(prompts)))
+    ]
+    if plan.reference is None:
+        return out
+    plan.reference.model_spec.model.update_from_config(config=plan.reference)
+    reference = load_plain_model(plan.reference.model_spec.model, plan.reference_dir, device)
+    sampled = reference_scores(reference, prompts.repeat_interleave(opts.continuations, 0), samples,
+                               batch_size=opts.batch_size)
+    heldout = reference_scores(reference, prompts, truth, batch_size=opts.batch_size)
+    buckets = opts.mauve_buckets if opts.mauve_buckets == "auto" else int(opts.mauve_buckets)
+    out["generation/gen_ppl"] = generative_perplexity(sampled.nll_sum, sampled.num_tokens)
+    out["heldout/gen_ppl"] = generative_perplexity(heldout.nll_sum, heldout.num_tokens)
+    out["generation/mauve"] = mauve(sampled.features, heldout.features, num_buckets=buckets, seed=opts.seed)
+    return out
+
+
+def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: EvalOptions) -> dict:
+    """Items 1–4 of the module docstring, on an unsharded copy of the checkpoint's model."""
+    model = load_plain_model(trainer.model_config, step_dir, trainer.device)
+    out = {"ce": ce, "perplexity": math.exp(ce)}
+    if isinstance(model, DBlocksLlama):
+        steps = config.validator.steps
+        batches = itertools.islice(heldout_batches(config, trainer.tokenizer), None if steps == -1 else steps)
+        out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))
+    if opts.prompts:
+        out.update(generation_metrics(model, plan, opts, trainer.tokenizer))
+    out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DBlocksLlama) or k not in DB_ONLY}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def run_validator(trainer) -> dict:
+    """Run the trainer's validator once → what it logged (``validation_metrics/*``)."""
+    logged: dict = {}
+    log_validation = trainer.metrics_processor.log_validation
+
+    def capture(loss, step, extra_metrics=None):
+        logged.update({"validation_metrics/loss": loss, **(extra_metrics or {})})
+        log_validation(loss, step, extra_metrics)
+
+    trainer.metrics_processor.log_validation = capture
+    trainer.validator.validate(trainer.model_parts, trainer.step)
+    return logged
+
+
+def evaluate(config, opts: EvalOptions | None = None) -> dict:
+    """Check the inputs, build the trainer of ``config``, load its checkpoint, run its validator once
+    and, for AR models, the metrics of :func:`ar_metrics` → the metrics (also written as JSON)."""
+    ar = config.model_spec.name in AR_MODELS
+    if opts is not None and not ar:
+        raise InputError(f"--eval.* flags apply to AR models; {config.model_spec.name!r} is evaluated by its "
+                         "validator alone (--validator.steps, --validator.t_samples)")
+    opts = resolve_options(config, opts or EvalOptions()) if ar else None
     config.checkpoint.enable = True
+    # the weights (and the step) only: a checkpoint of any world size or mode loads in this process
+    config.checkpoint.exclude_from_loading = [DATALOADER, OPTIMIZER, LR_SCHEDULER]
+    if hasattr(config, "dblocks"):
+        config.dblocks.parallel = "sequential"  # a block-parallel run is evaluated with every block
     config.validator.enable = True
-    folder = checkpoint_folder(config)
+    step_dir = checkpoint_dir(config.dump_folder, config.checkpoint.folder, config.checkpoint.load_step)
+    check_weights(config, step_dir)
+    plan = prepare_ar(config, opts) if ar else None
     trainer = config.build()
+    trainer.metrics_processor.logger = getattr(trainer.metrics_processor.logger, "inner", trainer.metrics_processor.logger)
+    # ^ the eval's numbers go to its JSON, not into the run's training log (metrics.jsonl)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         trainer.checkpointer.load(step=config.checkpoint.load_step)
-        logged: dict = {}
-        log_validation = trainer.metrics_processor.log_validation
-
-        def capture(loss, step, extra_metrics=None):
-            logged.update({"validation_metrics/loss": loss, **(extra_metrics or {})})
-            log_validation(loss, step, extra_metrics)
-
-        trainer.metrics_processor.log_validation = capture
-        trainer.validator.validate(trainer.model_parts, trainer.step)
-        result = {"step": trainer.step, "run": os.path.abspath(config.dump_folder), **logged}
-        rank = int(os.environ.get("RANK", "0"))
+        logged = run_validator(trainer)
+        result = {"step": trainer.step, "run": os.path.abspath(config.dump_folder), "model": config.model_spec.name,
+                  **logged}
+        if ar and rank == 0:
+            result.update(ar_metrics(trainer, config, step_dir, logged["validation_metrics/loss"], plan, opts))
         if rank == 0:
-            path = os.path.join(folder, f"eval_step{trainer.step}.json")
+            path = os.path.join(os.path.dirname(step_dir), f"eval_step{trainer.step}.json")
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
             print(json.dumps(result, indent=2))
@@ -67,16 +376,11 @@ def evaluate(config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
-    from torchtitan.tools.logging import init_logger
-
-    from dblocks_titan.toml_config import InputError, TomlConfigManager
-
     _single_process_env()
     init_logger()
     try:
-        evaluate(TomlConfigManager().parse_args(argv))
+        opts, rest = parse_eval_flags(sys.argv[1:] if argv is None else argv)
+        evaluate(TomlConfigManager().parse_args(rest), opts)
     except InputError as e:
         sys.exit(f"dblocks_titan.eval: error: {e}")
     finally:

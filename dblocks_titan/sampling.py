@@ -1,10 +1,166 @@
-"""Samplers that chain the blocks (METHOD.md §7; the AR sampler of §6 comes with the eval issue)."""
+"""Samplers that chain the blocks: the AR DiffusionBlocks sampler (METHOD.md §6), next-token
+sampling of the end-to-end baseline, and ancestral unmasking for masked diffusion (§7)."""
 
 from __future__ import annotations
 
-import torch
+from typing import Literal, get_args
 
-from dblocks_titan.diffusion import t_to_block
+import torch
+import torch.nn.functional as F
+
+from torchtitan.models.common import ScaledDotProductAttention
+
+from dblocks_titan.diffusion import inference_sigmas, sigma_to_block, t_to_block
+from dblocks_titan.models.block_denoiser import KVCache
+from dblocks_titan.models.dblocks_llama import DBlocksLlama
+
+Bridge = Literal["soft", "hard"]
+BRIDGES: tuple[str, ...] = get_args(Bridge)
+
+
+def target_table(model: DBlocksLlama) -> torch.Tensor:
+    """``Ê`` [V, D] (fp32): the L2-normalised rows of the token embedding table, the denoising
+    target y of training (METHOD.md §6)."""
+    return F.normalize(model.tok_embeddings.weight.float(), dim=-1)
+
+
+def bridge_x0(logits: torch.Tensor, table: torch.Tensor, kind: Bridge) -> torch.Tensor:
+    """Denoised estimate ``x̂0`` [B, D] from logits [B, V]: ``soft`` = softmax(logits)·Ê (the
+    authors' choice), ``hard`` = Ê[argmax logits]."""
+    if kind == "soft":
+        return logits.float().softmax(-1) @ table
+    if kind == "hard":
+        return table[logits.argmax(-1)]
+    raise ValueError(f"bridge must be one of {BRIDGES}, got {kind!r}.")
+
+
+def euler_step(z: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE ``dz/dσ = (z − x̂0)/σ`` from σ to σ_next < σ:
+    ``z + (σ_next − σ)·(z − x̂0)/σ = x̂0 + (σ_next/σ)·(z − x̂0)``, i.e. z moves toward x̂0."""
+    return z + (sigma_next - sigma) * (z - x0) / sigma
+
+
+def sample_token(
+    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row from logits [B, V] → [B]. ``temperature`` 0 = argmax; otherwise
+    softmax(logits/temperature) restricted to the top-p nucleus (the most likely tokens whose mass
+    before them is < top_p; the top token always stays), renormalised, then one multinomial draw."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    probs = (logits.float() / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice)[:, 0]
+
+
+@torch.no_grad()
+def dblocks_generate(
+    model: DBlocksLlama,
+    prompts: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    num_levels: int | None = None,
+    bridge: Bridge = "soft",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    return_blocks: bool = False,
+):
+    """Continue prompts [B, P] (P ≥ 1) by ``max_new_tokens`` tokens → [B, P + max_new_tokens].
+
+    Per new token (METHOD.md §6):
+    1. ``z ~ N(0, (1 + σ_max²)·I)`` in the embedding dim D.
+    2. For the N levels ``σ^(0) = σ_max > … > σ^(N−1) = σ_min`` of :func:`inference_sigmas`
+       (N = ``num_levels``, default the model's B), level j runs the block that owns σ^(j)
+       (:func:`sigma_to_block`) on the prefix and z; below the last level,
+       ``z ← euler_step(z, bridge(logits), σ^(j), σ^(j+1))``.
+    3. The logits of the last level give the token (:func:`sample_token`).
+
+    ``use_cache``: each level keeps the clean prefix's keys/values of its block (σ conditions every
+    row, so they differ per level): the prompt but its last token is prefilled once, then each
+    level runs only two rows per new token (:meth:`DBlocksLlama.denoise_next`). Without it every
+    level recomputes the whole prefix with :meth:`DBlocksLlama.denoise`. ``return_blocks``: also
+    return the blocks run by the levels of one new token (the same for every token).
+    ``generator`` (for z and the token draws) must live on the prompts' device.
+    """
+    batch, prompt_len = prompts.shape
+    if prompt_len < 1:
+        raise ValueError("dblocks_generate needs prompts of length >= 1 (a BOS token at least).")
+    if bridge not in BRIDGES:
+        raise ValueError(f"bridge must be one of {BRIDGES}, got {bridge!r}.")
+    edm, device = model.edm, prompts.device
+    sigmas = inference_sigmas(model.num_blocks if num_levels is None else num_levels, edm).tolist()
+    blocks = sigma_to_block(torch.tensor(sigmas), model.num_blocks, edm).tolist()
+    table = target_table(model)
+
+    def sigma_vec(sigma: float) -> torch.Tensor:
+        return torch.full((batch,), sigma, device=device)
+
+    caches = [[KVCache() for _ in model.block_layers(b)] for b in blocks] if use_cache else []  # [level][layer]
+    if use_cache and prompt_len > 1:
+        for sigma, block, cache in zip(sigmas, blocks, caches):
+            model.prefill(prompts[:, :-1], sigma_vec(sigma), block=block, caches=cache)
+
+    def level_logits(tokens: torch.Tensor, z: torch.Tensor, j: int) -> torch.Tensor:
+        """Logits [B, V] of the noisy slot after ``tokens`` at level j."""
+        if use_cache:
+            return model.denoise_next(tokens[:, -1], z, sigma_vec(sigmas[j]), block=blocks[j], caches=caches[j])
+        z_all = F.pad(z[:, None], (0, 0, tokens.shape[1] - 1, 0))  # earlier noisy slots: unseen by the last
+        return model.denoise(model.tok_embeddings(tokens), z_all, sigma_vec(sigmas[j]), block=blocks[j])[:, -1]
+
+    tokens = prompts
+    for _ in range(max_new_tokens):
+        z = (1 + edm.sigma_max**2) ** 0.5 * torch.randn(batch, model.config.dim, generator=generator, device=device)
+        for j in range(len(sigmas)):
+            logits = level_logits(tokens, z, j)
+            if j + 1 < len(sigmas):
+                z = euler_step(z, bridge_x0(logits, table, bridge), sigmas[j], sigmas[j + 1])
+        next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    return (tokens, blocks) if return_blocks else tokens
+
+
+def baseline_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """titan's Llama3Model on tokens [B, P] → logits [B, P, V]; FlexAttention needs its causal
+    BlockMask, the SDPA backend is causal by itself."""
+    if isinstance(model.config.first_attention.inner_attention, ScaledDotProductAttention.Config):
+        return model(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, model.get_attention_masks(positions))
+
+
+@torch.no_grad()
+def baseline_generate(
+    model,
+    prompts: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next-token sampling from the end-to-end baseline (titan's Llama3Model): prompts [B, P] →
+    [B, P + max_new_tokens]. Each step recomputes the whole prefix and draws from the last
+    position's logits with :func:`sample_token`."""
+    tokens = prompts
+    for _ in range(max_new_tokens):
+        logits = baseline_logits(model, tokens)[:, -1]
+        next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+    return tokens
+
+
+def generate(model, prompts: torch.Tensor, **kwargs):
+    """:func:`dblocks_generate` for a :class:`DBlocksLlama`, else :func:`baseline_generate`."""
+    if isinstance(model, DBlocksLlama):
+        return dblocks_generate(model, prompts, **kwargs)
+    return baseline_generate(model, prompts, **kwargs)
 
 
 @torch.no_grad()

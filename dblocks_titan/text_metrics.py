@@ -1,5 +1,5 @@
-"""Sample-quality metrics on generated token ids (issue 5): diversity, repetition, entropy, and the
-generative-perplexity formula.
+"""Sample-quality metrics on generated token ids (issue 5): diversity, repetition, entropy, the
+generative-perplexity formula, and MAUVE on feature vectors.
 
 A sample is a sequence of token ids: a list of ints or a 1-D LongTensor; ``samples`` is an iterable
 of them (a 2-D tensor works too: its rows are the samples). N-grams never cross sample boundaries.
@@ -74,3 +74,32 @@ def sample_metrics(samples) -> dict[str, float]:
         "unigram_entropy": unigram_entropy(samples),
         "mean_length": sum(map(len, samples)) / len(samples) if samples else 0.0,
     }
+
+
+def mauve(p_features, q_features, *, num_buckets: int | str = "auto", seed: int = 25, kmeans_num_redo: int = 5,
+          kmeans_max_iter: int = 500) -> float:
+    """MAUVE (Pillutla et al., 2021) between sample sets P and Q given one feature vector per sample,
+    [n_p, d] and [n_q, d] (tensors or arrays), with the ``mauve-text`` package:
+
+    1. the L2-normalised features of P ∪ Q are PCA-reduced (90 % of the variance) and clustered by
+       k-means into ``num_buckets`` buckets ("auto": max(2, round(min(n_p, n_q)/10)));
+    2. p, q = the bucket histograms of P and Q; r_λ = λ·p + (1 − λ)·q;
+    3. MAUVE = area under the divergence curve ``{(e^{−5·KL(q‖r_λ)}, e^{−5·KL(p‖r_λ)}) : λ ∈ (0, 1)}``.
+
+    1 when P and Q fill the buckets alike, toward 0 when they share none. ``kmeans_num_redo``
+    restarts of at most ``kmeans_max_iter`` iterations, seeded with ``seed``.
+    """
+    try:
+        import mauve as mauve_text
+    except ImportError:
+        raise ImportError("MAUVE needs the mauve-text package: pip install 'dblocks_titan[eval]'") from None
+    out = mauve_text.compute_mauve(
+        p_features=_float32_array(p_features), q_features=_float32_array(q_features), num_buckets=num_buckets,
+        seed=seed, kmeans_num_redo=kmeans_num_redo, kmeans_max_iter=kmeans_max_iter, device_id=-1, verbose=False,
+    )
+    return float(out.mauve)
+
+
+def _float32_array(features):
+    """Features as the float32 numpy array [n, d] that faiss's k-means takes."""
+    return torch.as_tensor(features).detach().float().cpu().numpy()

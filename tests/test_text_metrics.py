@@ -1,4 +1,5 @@
-"""Sample-quality metrics (issue 5) on crafted token-id samples whose answers are worked out by hand."""
+"""Sample-quality metrics (issue 5) on crafted token-id samples whose answers are worked out by hand,
+and MAUVE on crafted feature clouds."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 from dblocks_titan.text_metrics import (
     distinct_n,
     generative_perplexity,
+    mauve,
     sample_metrics,
     seq_rep_n,
     unigram_entropy,
@@ -110,3 +112,20 @@ def test_sample_metrics():
         assert m[k] == pytest.approx(v, abs=TOL), k
     assert sample_metrics([[1, 2], [3, 4, 5, 6]])["mean_length"] == 3.0
     assert sample_metrics([]) == {k: 0.0 for k in expected}
+
+
+def clouds(centers: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n feature vectors [n, d]: a random center of ``centers`` [k, d] plus N(0, 0.5²) noise each."""
+    pick = torch.randint(0, len(centers), (n,), generator=generator)
+    return centers[pick] + 0.5 * torch.randn(n, centers.shape[1], generator=generator)
+
+
+def test_mauve_is_one_for_the_same_distribution_and_near_zero_for_unrelated_samples():
+    g = torch.Generator().manual_seed(0)
+    centers, other = 3 * torch.randn(4, 16, generator=g), 3 * torch.randn(4, 16, generator=g)
+    p, q, unrelated = clouds(centers, 60, g), clouds(centers, 60, g), clouds(other, 60, g)
+    score = lambda a, b: mauve(a, b, num_buckets=8, kmeans_num_redo=1, kmeans_max_iter=50)  # noqa: E731
+    assert score(p, p) == pytest.approx(1.0, abs=1e-6)
+    assert score(p, q) > 0.9  # two draws of one distribution
+    assert score(p, unrelated) < 0.1
+    assert score(p.numpy(), q.double()) == pytest.approx(score(p, q))  # arrays or tensors, any float dtype

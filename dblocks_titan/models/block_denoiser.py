@@ -89,6 +89,50 @@ def modulated_norm(norm: nn.RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale
     return _ModulatedRMSNorm.apply(x, norm.weight, shift, scale, eps)
 
 
+@dataclass
+class KVCache:
+    """One layer's cached rows at one noise level: rotated keys and values [B, S, N_kv, H] (``None``
+    while empty). :meth:`DBlockLayer.forward_cached` appends to it."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+
+def cached_attention(
+    attn: nn.Module, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, keep: int
+) -> torch.Tensor:
+    """titan's ``GQAttention.forward`` for m new rows that follow the S rows held in ``cache``.
+
+    1. q, k, v = qkv_linear(x) (fused or not; QK-norm if the layer has it), RoPE at ``positions``.
+    2. Keys/values = [cached S rows | new m rows]; new row r sees keys s ≤ S + r (all cached rows,
+       the new rows causally), so each row sees exactly what it sees in the full sequence when the
+       cache holds its visible prefix.
+    3. The first ``keep`` new rows' keys/values are appended to the cache; ``wo`` of the output.
+
+    x [B, m, D]; positions [1 or B, m] → [B, m, D].
+    """
+    q, k, v = attn.qkv_linear(x)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.rope(q, k, positions)
+    start, m = cache.length, x.shape[1]
+    if start:
+        k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
+    cache.k, cache.v = k[:, : start + keep], v[:, : start + keep]
+    mask = None
+    if m > 1:
+        mask = torch.arange(start + m, device=x.device) <= start + torch.arange(m, device=x.device)[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=attn.scaling,
+        enable_gqa=attn.enable_gqa,
+    )
+    return attn.wo(out.transpose(1, 2).flatten(2))
+
+
 class DBlockLayer(TransformerBlock):
     """llama3 layer with adaLN: ``x += gate·Attn(norm(x)·(1+scale)+shift)``, same for the MLP.
 
@@ -112,6 +156,16 @@ class DBlockLayer(TransformerBlock):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
         h = modulated_norm(self.attention_norm, x, shift_a, scale_a)
         x = x + gate_a[:, None] * self.attention(h, attention_masks, positions)
+        h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
+        return x + gate_m[:, None] * self.feed_forward(h)
+
+    def forward_cached(self, x, c, cache: KVCache, positions, keep: int):
+        """:meth:`forward` for m new rows after the rows in ``cache`` (:func:`cached_attention`: new
+        row r attends to the cached rows and new rows ≤ r; the first ``keep`` rows are cached).
+        x [B, m, D]; c [B, D]; positions [1 or B, m]."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
+        h = modulated_norm(self.attention_norm, x, shift_a, scale_a)
+        x = x + gate_a[:, None] * cached_attention(self.attention, h, cache, positions, keep)
         h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
         return x + gate_m[:, None] * self.feed_forward(h)
 
@@ -149,7 +203,7 @@ class BlockDenoiser(Decoder):
             the final adaLN, the time embedder). The attention term is titan's
             (``get_dense_model_nparams_and_flops``: no causal sparsity) at p·N keys for p·N queries."""
             nparams = sum(p.numel() for p in model.parameters())
-            layer = model.layers["0"]
+            layer = next(iter(model.layers.values()))
             adaln_params = sum(p.numel() for p in layer.adaln.parameters())
             layer_params = sum(p.numel() for p in layer.parameters()) - adaln_params
             block_layers = len(self.layers) // self.num_blocks
@@ -184,6 +238,13 @@ class BlockDenoiser(Decoder):
     def run_block(self, x, c, block: int, attention_masks, positions) -> torch.Tensor:
         for layer in self.block_layers(block):
             x = layer(x, c, attention_masks, positions)
+        return x
+
+    def run_block_cached(self, x, c, block: int, caches: list[KVCache], positions, keep: int) -> torch.Tensor:
+        """:meth:`run_block` for new rows after the cached ones (one :class:`KVCache` per layer of
+        ``block``, see :meth:`DBlockLayer.forward_cached`)."""
+        for layer, cache in zip(self.block_layers(block), caches, strict=True):
+            x = layer.forward_cached(x, c, cache, positions, keep)
         return x
 
     def readout(self, x: torch.Tensor, c: torch.Tensor, skip_lm_head: bool = False) -> torch.Tensor:

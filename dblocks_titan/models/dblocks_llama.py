@@ -17,6 +17,10 @@ runs ONE block:
 Called without ``sigma`` (``model(tokens)``, as titan's Validator does) it predicts the next
 token from pure noise at σ_max through block 0: the honest next-token CE comparable with an AR
 baseline (METHOD.md §6).
+
+The sampler (``sampling.dblocks_generate``) runs the same computation on its own z:
+:meth:`DBlocksLlama.denoise` on the full layout, or incrementally with one KV cache per noise level
+(:meth:`~DBlocksLlama.prefill`, :meth:`~DBlocksLlama.denoise_next`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dblocks_titan.models.block_denoiser import (
     check_num_blocks,  # noqa: F401  (re-exported for callers of this module)
     decoder_parts,
     flavor_kwargs,
+    KVCache,
     resolve_attn_backend,
 )
 
@@ -229,11 +234,6 @@ class DBlocksLlama(BlockDenoiser):
         block 0 — next-token prediction.
         """
         batch, n = tokens.shape
-        if positions is None:
-            positions = torch.arange(n, device=tokens.device).expand(batch, n)
-        if attention_masks is None:
-            attention_masks = self.get_attention_masks(positions)
-
         if sigma is None:
             sigma = torch.full((batch,), self.edm.sigma_max, device=tokens.device)
             gen = torch.Generator(device=tokens.device).manual_seed(self.eval_seed)
@@ -245,16 +245,74 @@ class DBlocksLlama(BlockDenoiser):
             emb, target = emb_all[:, :n], emb_all[:, n:]
             y = F.normalize(target.float(), dim=-1)
             z = y + sigma[:, None, None] * noise.float()
+        return self.denoise(
+            emb, z, sigma, block=block, positions=positions, attention_masks=attention_masks, skip_lm_head=skip_lm_head
+        )
 
-        c_skip, c_out, c_in, c_noise = (c[:, None, None] for c in precondition(sigma.float(), self.edm))
+    def denoise(
+        self,
+        emb: torch.Tensor,
+        z: torch.Tensor,
+        sigma: torch.Tensor,
+        *,
+        block: int,
+        positions: torch.Tensor | None = None,
+        attention_masks=None,
+        skip_lm_head: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`forward` on given inputs: context embeddings emb [B, N, D] and noisy targets
+        z [B, N, D] (fp32, before c_in) at σ [B] → logits [B, N, V] of the noisy slots."""
+        batch, n = emb.shape[:2]
+        if positions is None:
+            positions = torch.arange(n, device=emb.device).expand(batch, n)
+        if attention_masks is None:
+            attention_masks = self.get_attention_masks(positions)
+        c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
         x = torch.cat([emb, (c_in * z).to(emb.dtype)], dim=1)
         pos2 = torch.cat([positions, positions + 1], dim=1)
-        c = self.conditioning(c_noise.flatten())
         x = self.run_block(x, c, block, attention_masks, pos2)
+        return self.denoised_readout(x[:, n:], z, c_skip, c_out, c, skip_lm_head)
 
-        h = self.norm(x[:, n:])
+    def noise_conditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """σ [B] → ``(c_skip, c_out, c_in)`` [B, 1, 1] (fp32) and the adaLN input c [B, D]."""
+        c_skip, c_out, c_in, c_noise = (c[:, None, None] for c in precondition(sigma.float(), self.edm))
+        return c_skip, c_out, c_in, self.conditioning(c_noise.flatten())
+
+    def denoised_readout(self, x, z, c_skip, c_out, c, skip_lm_head: bool = False) -> torch.Tensor:
+        """Noisy-slot outputs x [B, M, D] → shared norm → ``D = c_skip·z + c_out·h`` → readout."""
+        h = self.norm(x)
         denoised = c_skip * z + c_out * h.float()
         return self.readout(denoised.to(h.dtype), c, skip_lm_head)
+
+    # Incremental decoding (the sampler of METHOD.md §6). σ conditions every row, so the clean
+    # prefix's keys/values differ per noise level: the caller keeps one list of KVCache (one per
+    # layer of the level's block) for each level of its σ grid.
+
+    def prefill(self, tokens: torch.Tensor, sigma: torch.Tensor, *, block: int, caches: list[KVCache]) -> None:
+        """Cache the keys/values of the clean tokens [B, P] (positions 0..P−1) in ``block``'s layers
+        at σ [B]; ``caches``: one empty :class:`KVCache` per layer of the block."""
+        c = self.noise_conditioning(sigma)[-1]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        self.run_block_cached(self.tok_embeddings(tokens), c, block, caches, positions, keep=tokens.shape[1])
+
+    def denoise_next(
+        self, token: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, *, block: int, caches: list[KVCache]
+    ) -> torch.Tensor:
+        """Logits [B, V] of the noisy slot after the cached clean prefix (S tokens) and ``token`` [B]:
+        the last row of :meth:`denoise` on prefix + token, for z [B, D] (fp32) at σ [B].
+
+        Two new rows run through ``block``: clean ``token`` at position S (its keys/values join the
+        cache) and the noisy slot ``c_in·z`` at position S + 1, which attends to the S + 1 clean
+        rows and itself.
+        """
+        c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
+        start = caches[0].length
+        emb = self.tok_embeddings(token[:, None])
+        z = z[:, None]
+        x = torch.cat([emb, (c_in * z).to(emb.dtype)], dim=1)
+        positions = torch.arange(start, start + 2, device=token.device)[None]
+        x = self.run_block_cached(x, c, block, caches, positions, keep=1)
+        return self.denoised_readout(x[:, 1:], z, c_skip, c_out, c)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
