@@ -8,6 +8,7 @@ a gloo process group). Import this module before torchtitan (``dblocks_titan``'s
 
 from __future__ import annotations
 
+import os
 import types
 from datetime import timedelta
 
@@ -97,6 +98,30 @@ def fix_fsdp_for_gloo(model: torch.nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
+def patch_restart_store() -> None:
+    """Give each torchrun restart attempt its own keys in the agent's store.
+
+    Reason: under ``torchrun`` (``TORCHELASTIC_USE_AGENT_STORE=True``) torch 2.13's workers connect to
+    the agent's TCPStore, which ``torch.distributed.rendezvous._create_c10d_store`` assumes is new
+    for every restart ("no need to add prefix for each attempt"). It is not: after a killed rank,
+    the restarted workers read the dead attempt's process-group keys (gloo peer addresses) and the
+    connect times out, so ``--max-restarts`` never recovers. Prefixing the workers' store with the
+    restart count (``TORCHELASTIC_RESTART_COUNT``) gives every attempt fresh keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not _once("restart_store"):
+        return
+    import importlib
+
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")  # the module, not the function
+    create_store = rendezvous._create_c10d_store
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+    def create_attempt_store(*args, **kwargs):
+        return torch.distributed.PrefixStore(f"/dblocks_titan/attempt_{attempt}", create_store(*args, **kwargs))
+
+    rendezvous._create_c10d_store = create_attempt_store
+
+
 def default_spmd_backend() -> str:
     """The ``parallelism.spmd_backend`` our recipes use.
 
@@ -111,3 +136,4 @@ def apply() -> None:
     """Apply the import-time patches (device first: titan reads it on import)."""
     patch_cpu_device()
     patch_pg_timeouts()
+    patch_restart_store()

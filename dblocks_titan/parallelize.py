@@ -1,29 +1,76 @@
 """Parallelisms for DiffusionBlocks models, applied as functions over the plain model.
 
 The model keeps titan's Decoder layout (``tok_embeddings``, ``layers``, ``norm``, ``lm_head``),
-so titan's llama3 recipe applies unchanged, in titan's order: activation checkpointing on each
+so titan's building blocks apply unchanged, in titan's order: activation checkpointing on each
 layer, per-layer ``torch.compile``, then FSDP2 with every transformer layer its own FSDP unit
-(``apply_fsdp_to_decoder``). An inactive block's layers are never called, so they are never
-all-gathered and never reduce-scattered; the remaining shared modules (timestep embedder,
-final adaLN) live in the root unit, gathered once per step.
+(``apply_fsdp_to_decoder``).
+
+- **Sequential** (``dblocks.parallel = "sequential"``): titan's ``parallelize_llama`` as is, FSDP2
+  or HSDP over all ranks. An inactive block's layers are never called, so they are never
+  all-gathered and never reduce-scattered; the remaining shared modules (timestep embedder, final
+  adaLN) live in the root unit, gathered once per step.
+- **Block-parallel** (``dblocks.parallel = "blocks"``): the trainer sets ``dp_replicate = B``, so the
+  mesh is (B groups) × (W/B ranks) and group g = the ranks with replicate index g. Each rank keeps
+  only block g's layers (:func:`keep_block`; the others are deleted on the meta device, so they are
+  never materialised) and FSDP2-shards the model within its group only (the ``fsdp`` sub-mesh): no
+  parameter, activation or gradient collective crosses groups here. The trainer reduces the shared
+  modules' gradients over the world when ``dblocks.shared_grads = "world"``
+  (:meth:`dblocks_titan.trainer.DBlocksTrainer._finish_block_parallel_grads`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed.compile import apply_compile
+from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.models.llama3.parallelize import parallelize_llama
 
 from dblocks_titan import compat
 
+def keep_block(model: torch.nn.Module, block: int) -> None:
+    """Delete every layer that is not in ``block`` (layer names, hence checkpoint keys, are kept)."""
+    keep = {id(layer) for layer in model.block_layers(block)}
+    for name in [name for name, layer in model.layers.items() if id(layer) not in keep]:
+        del model.layers[name]
 
-def parallelize_dblocks(model: torch.nn.Module, *, parallel_dims, **kwargs) -> torch.nn.Module:
-    """titan's ``parallelize_llama`` (AC → compile → FSDP2/HSDP), then the gloo fix-up."""
+
+def parallelize_dblocks(
+    model: torch.nn.Module, *, parallel_dims, block_parallel: bool = False, **kwargs
+) -> torch.nn.Module:
+    """Sequential: titan's ``parallelize_llama`` (AC → compile → FSDP2/HSDP); block-parallel:
+    :func:`parallelize_block_parallel`. Then the gloo fix-up."""
     if parallel_dims.tp_enabled or parallel_dims.cp_enabled or parallel_dims.pp_enabled:
         raise ValueError(
             "dblocks models support data parallelism (FSDP2/HSDP) only: set tensor, context and "
             "pipeline parallel degrees to 1."
         )
-    model = parallelize_llama(model, parallel_dims=parallel_dims, **kwargs)
+    if block_parallel:
+        parallelize_block_parallel(model, parallel_dims=parallel_dims, **kwargs)
+    else:
+        model = parallelize_llama(model, parallel_dims=parallel_dims, **kwargs)
     compat.fix_fsdp_for_gloo(model)
     return model
+
+
+def parallelize_block_parallel(
+    model, *, parallel_dims, training, parallelism, compile_config, ac_config, dump_folder
+) -> None:
+    """Keep this rank's block, then titan's AC, per-layer compile and ``apply_fsdp_to_decoder`` on
+    the group's own mesh."""
+    keep_block(model, parallel_dims.get_mesh("dp_replicate").get_local_rank())
+    if ac_config is not None:
+        ac_config.build(dump_folder=dump_folder).apply(model)
+    if compile_config.enable and "model" in compile_config.components:
+        apply_compile(model, compile_config=compile_config, parallel_dims=parallel_dims)
+    apply_fsdp_to_decoder(
+        model,
+        parallel_dims.get_mesh("fsdp"),
+        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        pp_enabled=False,
+        cpu_offload=training.enable_cpu_offload,
+        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+        enable_symm_mem=parallelism.enable_fsdp_symm_mem,
+    )

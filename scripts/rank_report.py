@@ -1,0 +1,99 @@
+"""What each rank holds: build a trainer from a TOML config (+ CLI overrides) under torchrun (or
+as one process), take STEPS optimizer steps, and write per rank r:
+
+- ``<out>/rank<r>.json``: its block (block-parallel), the local bytes of every parameter, of the
+  gradients and of the optimizer state, and the parameters that moved;
+- ``<out>/shared<r>.pt``: the full values of the shared (non-layer) parameters;
+- ``<out>/grads<r>.pt``: the full gradients of the last step.
+
+Usage: rank_report.py OUT_DIR CONFIG STEPS [extra CLI overrides...]
+With DBLOCKS_FIXED_BATCHES=1 the data are random token batches numbered by their global
+micro-batch index (step, rank, micro-batch), so one process accumulating 2 micro-batches sees
+exactly what 2 ranks taking one each see. Used by the tests and by ``bench_per_rank.py``.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import dblocks_titan  # noqa: F401
+from dblocks_titan.train import _single_process_env
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clean(name: str) -> str:
+    """The parameter's name in the plain model (without AC / compile wrapper segments)."""
+    return name.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
+def nbytes(t: torch.Tensor) -> int:
+    t = local(t)
+    return t.numel() * t.element_size()
+
+
+def fixed_batches(trainer):
+    """Micro-batch k = (step − 1)·W·A + rank·A + j of uniform random tokens (W ranks, A accumulation)."""
+    world, accum = int(os.environ.get("WORLD_SIZE", "1")), trainer.gradient_accumulation_steps
+    rank, shape = int(os.environ.get("RANK", "0")), (trainer.config.training.local_batch_size, trainer.config.training.seq_len + 1)
+    vocab = trainer.model_config.vocab_size
+    for step in range(10**6):
+        for j in range(accum):
+            k = step * world * accum + rank * accum + j
+            tokens = torch.randint(vocab, shape, generator=torch.Generator().manual_seed(k))
+            trainer.metrics_processor.data_loading_times.append(0.0)  # what titan's batch_generator logs
+            yield {"input": tokens[:, :-1]}, tokens[:, 1:]
+
+
+def main() -> None:
+    out, config_file, steps, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    _single_process_env()
+    from dblocks_titan.toml_config import TomlConfigManager
+
+    config = TomlConfigManager().parse_args(
+        ["--job.config_file", config_file, "--dump_folder", out, "--training.steps", str(steps), *overrides]
+    )
+    trainer = config.build()
+    if config.checkpoint.enable:  # e.g. a seed checkpoint: the same initial weights for any mesh
+        trainer.checkpointer.load(step=config.checkpoint.load_step)
+    model = trainer.model_parts[0]
+    before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+    fixed = os.environ.get("DBLOCKS_FIXED_BATCHES") == "1"
+    data = fixed_batches(trainer) if fixed else trainer.batch_generator(trainer.dataloader)
+    for _ in range(steps):
+        trainer.step += 1
+        trainer.train_step(data)
+    optim_bytes = sum(
+        nbytes(v) for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    report = {
+        "block": getattr(trainer, "own_block", None),
+        "param_bytes": {clean(n): nbytes(p) for n, p in model.named_parameters()},
+        "optimizer_bytes": optim_bytes,
+        "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+        "changed": [clean(n) for n, p in model.named_parameters() if not local(p).equal(before[n])],
+        "trace": getattr(trainer, "_trace_path", None),
+    }
+    shared = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+              for n, p in model.named_parameters() if not n.startswith("layers.")}
+    torch.save(shared, os.path.join(out, f"shared{rank}.pt"))
+    grads = {clean(n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    torch.save(grads, os.path.join(out, f"grads{rank}.pt"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    trainer.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
