@@ -49,6 +49,7 @@ from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
+from dblocks_titan.offload import InactiveOptimizerOffload
 from dblocks_titan.parallelize import parallelize_dblocks
 from dblocks_titan.toml_config import check_inputs, InputError
 
@@ -92,6 +93,9 @@ class DBlocksConfig:
     """Block-parallel only. world (the paper's semantics: one set of shared modules trained by every
     block): shared-module gradients are reduced over all ranks each step. group: each group keeps
     its own shared modules (B independent models; cannot be checkpointed as one model)."""
+    offload_optimizer: bool = False
+    """Sequential only: keep the optimizer state of the blocks that are not training in host memory
+    (:mod:`dblocks_titan.offload`), copied in for the steps that train them."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     def __post_init__(self):
@@ -107,6 +111,9 @@ class DBlocksConfig:
             raise ValueError(f"dblocks.parallel must be 'sequential' or 'blocks', got {self.parallel!r}.")
         if self.shared_grads not in ("world", "group"):
             raise ValueError(f"dblocks.shared_grads must be 'world' or 'group', got {self.shared_grads!r}.")
+        if self.parallel == "blocks" and self.offload_optimizer:
+            raise ValueError("dblocks.offload_optimizer is for the sequential mode: a block-parallel rank holds "
+                             "only its own block, which trains at every step.")
         if self.parallel == "blocks" and self.num_blocks < 2:
             raise ValueError("dblocks.parallel = 'blocks' needs dblocks.num_blocks >= 2 (one rank group per block).")
 
@@ -207,6 +214,12 @@ class DBlocksTrainer(Trainer):
             if config.dblocks.shared_grads == "world":
                 broadcast_shared_modules(self.model_parts[0], replicate.get_group())
         init_optimizer_states(self.optimizers)
+        self.offload = None
+        if config.dblocks.offload_optimizer:
+            self.offload = InactiveOptimizerOffload(self.model_parts[0], self.optimizers, config.dblocks.num_blocks)
+            # DCP reads and writes every state tensor: make them resident around titan's save and load
+            self.checkpointer.save = self.offload.wrap(self.checkpointer.save)
+            self.checkpointer.load = self.offload.wrap(self.checkpointer.load)
         self.objective = build_objective(self.model_config, config.dblocks)
         db = config.dblocks
         self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
@@ -234,7 +247,11 @@ class DBlocksTrainer(Trainer):
         self._step_loss.zero_()
         self._local_tokens.zero_()
         self._microbatch = 0
+        if self.offload is not None:
+            self.offload.fetch(self.block)
         super().train_step(data_iterator)
+        if self.offload is not None:
+            self.offload.evict(self.block)
         self._log_block_step()
 
     def _noise_generator(self) -> torch.Generator:

@@ -2,14 +2,16 @@
 as one process), take STEPS optimizer steps, and write per rank r:
 
 - ``<out>/rank<r>.json``: its block (block-parallel), the local bytes of every parameter, of the
-  gradients and of the optimizer state, and the parameters that moved;
+  gradients and of the optimizer state, the parameters whose (local shard) moved and those that
+  hold a gradient after the last step;
 - ``<out>/shared<r>.pt``: the full values of the shared (non-layer) parameters;
 - ``<out>/grads<r>.pt``: the full gradients of the last step.
 
 Usage: rank_report.py OUT_DIR CONFIG STEPS [extra CLI overrides...]
 With DBLOCKS_FIXED_BATCHES=1 the data are random token batches numbered by their global
 micro-batch index (step, rank, micro-batch), so one process accumulating 2 micro-batches sees
-exactly what 2 ranks taking one each see. Used by the tests and by ``bench_per_rank.py``.
+exactly what 2 ranks taking one each see. With DBLOCKS_FIXED_BLOCK=b every step trains block b.
+Used by the tests and by ``bench_per_rank.py``.
 """
 
 import json
@@ -60,6 +62,8 @@ def main() -> None:
     trainer = config.build()
     if config.checkpoint.enable:  # e.g. a seed checkpoint: the same initial weights for any mesh
         trainer.checkpointer.load(step=config.checkpoint.load_step)
+    if "DBLOCKS_FIXED_BLOCK" in os.environ:
+        trainer.schedule.next = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
     before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
     fixed = os.environ.get("DBLOCKS_FIXED_BATCHES") == "1"
@@ -78,6 +82,9 @@ def main() -> None:
         "optimizer_bytes": optim_bytes,
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
         "changed": [clean(n) for n, p in model.named_parameters() if not local(p).equal(before[n])],
+        "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
+        "offloaded_state_resident_bytes": None if getattr(trainer, "offload", None) is None
+        else trainer.offload.resident_bytes(),
         "trace": getattr(trainer, "_trace_path", None),
     }
     shared = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()

@@ -23,15 +23,22 @@ def dense_mask(mask_mod, batch: int, length: int) -> torch.Tensor:
     return mask_mod(b, None, idx[None, :, None], idx[None, None, :])[:, None]
 
 
-def build(num_blocks=4, seed=0, randomize_zero_init=False):
-    config = flavor_config("debugmodel", attn_backend="sdpa")
-    config.num_blocks = num_blocks
+def materialize(config, seed: int = 0):
+    """The model of ``config`` as titan builds it (meta device, ``to_empty``, ``init_weights``) on CPU."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = config.build()
     model.to_empty(device="cpu")
     with torch.no_grad():
         model.init_weights()
+    return model
+
+
+def build(num_blocks=4, seed=0, randomize_zero_init=False):
+    config = flavor_config("debugmodel", attn_backend="sdpa")
+    config.num_blocks = num_blocks
+    model = materialize(config, seed)
+    with torch.no_grad():
         if randomize_zero_init:  # give adaLN / head real weights so every path is exercised
             for name, p in model.named_parameters():
                 if "adaln" in name or "lm_head" in name:

@@ -23,6 +23,7 @@ from dblocks_titan.ar_eval import (
 from dblocks_titan.diffusion import inference_sigmas
 from dblocks_titan.models.dblocks_llama import baseline_config, flavor_config
 
+from test_dblocks_llama import materialize
 from test_distributed import ENV, PY, ROOT, run
 
 VOCAB = 4096
@@ -31,13 +32,7 @@ VOCAB = 4096
 def build(config, num_blocks: int | None = None, seed: int = 0):
     if num_blocks is not None:
         config.num_blocks = num_blocks
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = config.build()
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        model.init_weights()
-    return model.eval()
+    return materialize(config, seed).eval()
 
 
 def batch(seed: int = 0, rows: int = 2, n: int = 16):
