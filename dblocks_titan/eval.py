@@ -25,6 +25,8 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    the sampled tokens under the reference given the prompt), ``heldout/gen_ppl`` the same for the
    true continuations, and ``generation/mauve``: MAUVE of the samples (P) against the true
    continuations (Q), features = the reference's final hidden states mean-pooled over the continuation.
+   ``--eval.mauve_features gpt2-large`` (a Hugging Face name or local folder; needs ``transformers``)
+   computes MAUVE with mauve-text's own featurizer on prompt + continuation instead, as the paper does.
 
 The ``--eval.*`` flags are parsed here (argparse) and removed before titan's parser reads the rest;
 ``--help`` lists them before titan's flags. Every input (the checkpoint exists and fits the model's
@@ -55,7 +57,7 @@ from torchtitan.tools.logging import init_logger
 
 from dblocks_titan.ar_eval import generate_continuations, heldout_windows, reference_scores, sigma_ce
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
-from dblocks_titan.text_metrics import generative_perplexity, mauve, sample_metrics
+from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve, sample_metrics
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
 from dblocks_titan.train import _single_process_env
 
@@ -88,6 +90,9 @@ class EvalOptions:
     reference_dump: str | None = _flag(None, "dump_folder of that run (default: the one in its TOML)")
     reference_step: int = _flag(-1, "checkpoint step of that run (-1 = latest)")
     mauve_buckets: str = _flag("auto", "MAUVE k-means buckets: an integer, or auto (= min(samples)/10)")
+    mauve_features: str = _flag("reference", "MAUVE features: reference (the reference model's mean-pooled hidden "
+                                              "states; offline) or a Hugging Face model name / local folder, e.g. "
+                                              "gpt2-large (needs transformers and its weights)")
 
 
 def eval_flag_parser() -> argparse.ArgumentParser:
@@ -127,6 +132,12 @@ def check_options(opts: EvalOptions, seq_len: int) -> None:
         raise InputError(f"--eval.prompts must be >= 0, got {opts.prompts}")
     if opts.prompts == 0 and opts.reference_config:
         raise InputError("--eval.reference_config scores generated samples: it needs --eval.prompts > 0")
+    if opts.mauve_features != "reference":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise InputError(f"--eval.mauve_features {opts.mauve_features} featurizes with Hugging Face transformers: "
+                             "pip install transformers (and give a local model folder to stay offline)") from None
     for name in ("continuations", "new_tokens", "prompt_len", "batch_size"):
         if getattr(opts, name) < 1:
             raise InputError(f"--eval.{name} must be >= 1, got {getattr(opts, name)}")
@@ -289,6 +300,13 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
          "heldout": tokenizer.decode(truth[i].tolist())}
         for i in range(min(NUM_EXAMPLES, len(prompts)))
     ]
+    buckets = opts.mauve_buckets if opts.mauve_buckets == "auto" else int(opts.mauve_buckets)
+    if opts.mauve_features != "reference":  # the paper's MAUVE: an HF model's features of prompt + continuation
+        decode = lambda rows, ctx: [tokenizer.decode(c.tolist() + r.tolist()) for c, r in zip(ctx, rows)]  # noqa: E731
+        p_text = decode(samples, prompts.repeat_interleave(opts.continuations, 0))
+        out["generation/mauve"] = mauve(hf_text_features(p_text, opts.mauve_features),
+                                        hf_text_features(decode(truth, prompts), opts.mauve_features),
+                                        num_buckets=buckets, seed=opts.seed)
     if plan.reference is None:
         return out
     plan.reference.model_spec.model.update_from_config(config=plan.reference)
@@ -296,10 +314,10 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
     sampled = reference_scores(reference, prompts.repeat_interleave(opts.continuations, 0), samples,
                                batch_size=opts.batch_size)
     heldout = reference_scores(reference, prompts, truth, batch_size=opts.batch_size)
-    buckets = opts.mauve_buckets if opts.mauve_buckets == "auto" else int(opts.mauve_buckets)
     out["generation/gen_ppl"] = generative_perplexity(sampled.nll_sum, sampled.num_tokens)
     out["heldout/gen_ppl"] = generative_perplexity(heldout.nll_sum, heldout.num_tokens)
-    out["generation/mauve"] = mauve(sampled.features, heldout.features, num_buckets=buckets, seed=opts.seed)
+    if opts.mauve_features == "reference":
+        out["generation/mauve"] = mauve(sampled.features, heldout.features, num_buckets=buckets, seed=opts.seed)
     return out
 
 

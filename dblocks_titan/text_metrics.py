@@ -103,3 +103,13 @@ def mauve(p_features, q_features, *, num_buckets: int | str = "auto", seed: int 
 def _float32_array(features):
     """Features as the float32 numpy array [n, d] that faiss's k-means takes."""
     return torch.as_tensor(features).detach().float().cpu().numpy()
+
+
+def hf_text_features(texts: list[str], model_name: str, *, max_len: int = 1024, batch_size: int = 8):
+    """MAUVE's own featurization (the paper's setting with ``gpt2-large``): the final hidden state at the
+    last token of each text under ``model_name``, a Hugging Face model name or local folder loaded by
+    mauve-text through ``transformers`` → array [n, d]. Offline only with a local folder."""
+    from mauve.compute_mauve import get_features_from_input
+
+    device_id = 0 if torch.cuda.is_available() else -1
+    return get_features_from_input(None, None, texts, model_name, max_len, device_id, "p", batch_size)

@@ -54,7 +54,11 @@ def fixed_batches(trainer):
 def main() -> None:
     out, config_file, steps, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     _single_process_env()
+    from torchtitan.tools.logging import init_logger
+
     from dblocks_titan.toml_config import TomlConfigManager
+
+    init_logger()
 
     config = TomlConfigManager().parse_args(
         ["--job.config_file", config_file, "--dump_folder", out, "--training.steps", str(steps), *overrides]

@@ -197,6 +197,11 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert "is not a checkpoint of model 'llama3'" in eval_error(
         monkeypatch, *config, str(db), "--eval.reference_config", "train_configs/debug_llama_baseline.toml",
         "--eval.reference_dump", str(db))
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # the paper's gpt2-large features need it
+        assert "pip install transformers" in eval_error(monkeypatch, *config, str(db), "--eval.mauve_features",
+                                                        "gpt2-large")
     proc = subprocess.run([PY, "-m", "dblocks_titan.eval", *config, str(tmp_path / "none")], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
