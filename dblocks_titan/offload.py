@@ -14,11 +14,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from dblocks_titan.parallelize import local_tensor
 
 
 class InactiveOptimizerOffload:
@@ -35,7 +32,7 @@ class InactiveOptimizerOffload:
                         continue
                     for value in state.values():
                         if isinstance(value, torch.Tensor) and value.numel() > 1:
-                            local = _local(value)
+                            local = local_tensor(value)
                             host = torch.empty_like(local, device="cpu", pin_memory=local.is_cuda)
                             pairs.append((local, host))
             self.blocks[block] = pairs

@@ -21,6 +21,7 @@ layer, per-layer ``torch.compile``, then FSDP2 with every transformer layer its 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.compile import apply_compile
@@ -28,6 +29,11 @@ from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
 from torchtitan.models.llama3.parallelize import parallelize_llama
 
 from dblocks_titan import compat
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops reach the DTensor), a plain tensor as is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 def keep_block(model: torch.nn.Module, block: int) -> None:
     """Delete every layer that is not in ``block`` (layer names, hence checkpoint keys, are kept)."""

@@ -50,7 +50,7 @@ from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
 from dblocks_titan.offload import InactiveOptimizerOffload
-from dblocks_titan.parallelize import parallelize_dblocks
+from dblocks_titan.parallelize import local_tensor, parallelize_dblocks
 from dblocks_titan.toml_config import check_inputs, InputError
 
 
@@ -158,8 +158,7 @@ def broadcast_shared_modules(model: torch.nn.Module, group) -> None:
     ranks that hold different layers). Shards match across groups, so the local shards are sent."""
     for name, param in model.named_parameters():
         if not name.startswith("layers."):
-            local = param.to_local() if isinstance(param, DTensor) else param
-            torch.distributed.broadcast(local, group=group, group_src=0)
+            torch.distributed.broadcast(local_tensor(param), group=group, group_src=0)
 
 
 def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -271,9 +270,10 @@ class DBlocksTrainer(Trainer):
             )
             loss.backward()
         self._step_loss += logged
-        self._local_tokens += (labels != IGNORE_INDEX).sum()
-        if self.block_parallel and self._microbatch == self.gradient_accumulation_steps:
-            self._finish_block_parallel_grads(global_valid_tokens)
+        if self.block_parallel:
+            self._local_tokens += (labels != IGNORE_INDEX).sum()
+            if self._microbatch == self.gradient_accumulation_steps:
+                self._finish_block_parallel_grads(global_valid_tokens)
         return logged
 
     def _finish_block_parallel_grads(self, global_valid_tokens: torch.Tensor) -> None:
@@ -299,7 +299,7 @@ class DBlocksTrainer(Trainer):
         replicate = self.parallel_dims.get_mesh("dp_replicate").get_group()
         shared = [p.grad for n, p in params.items() if not n.startswith("layers.")]
         for grad in shared:
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            local = local_tensor(grad)
             torch.distributed.all_reduce(local, group=replicate)
             local.div_(self.config.dblocks.num_blocks)
         if 0 < self.max_norm < math.inf:

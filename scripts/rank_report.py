@@ -21,11 +21,8 @@ import sys
 import torch
 
 import dblocks_titan  # noqa: F401
+from dblocks_titan.parallelize import local_tensor
 from dblocks_titan.train import _single_process_env
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def clean(name: str) -> str:
@@ -34,7 +31,7 @@ def clean(name: str) -> str:
 
 
 def nbytes(t: torch.Tensor) -> int:
-    t = local(t)
+    t = local_tensor(t)
     return t.numel() * t.element_size()
 
 
@@ -69,7 +66,7 @@ def main() -> None:
     if "DBLOCKS_FIXED_BLOCK" in os.environ:
         trainer.schedule.next = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
-    before = {n: local(p).detach().clone() for n, p in model.named_parameters()}
+    before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
     fixed = os.environ.get("DBLOCKS_FIXED_BATCHES") == "1"
     data = fixed_batches(trainer) if fixed else trainer.batch_generator(trainer.dataloader)
     for _ in range(steps):
@@ -85,7 +82,7 @@ def main() -> None:
         "param_bytes": {clean(n): nbytes(p) for n, p in model.named_parameters()},
         "optimizer_bytes": optim_bytes,
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
-        "changed": [clean(n) for n, p in model.named_parameters() if not local(p).equal(before[n])],
+        "changed": [clean(n) for n, p in model.named_parameters() if not local_tensor(p).equal(before[n])],
         "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
         "offloaded_state_resident_bytes": None if getattr(trainer, "offload", None) is None
         else trainer.offload.resident_bytes(),
