@@ -649,7 +649,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 @dataclasses.dataclass
 class Placeholder:
-    """A row that does not exist yet (its model or mode is not implemented)."""
+    """A row this script does not measure (its reason says why, or where it is measured)."""
 
     reason: str
 

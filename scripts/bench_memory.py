@@ -63,7 +63,7 @@ ROWS: dict[str, RowBuilder] = {
     "DB MDLM, B=2": bc.step_from_args("mdlm", num_blocks=2),
     "DB MDLM, B=4": bc.step_from_args("mdlm", num_blocks=4),
     "block-parallel DB, B=4": lambda args, device: bc.Placeholder(
-        "block-parallel mode (one block per rank) not implemented yet"
+        "needs real rank groups: measured per rank by scripts/bench_per_rank.py (results/per_rank*.md)"
     ),
 }
 
@@ -399,11 +399,12 @@ def main(argv=None) -> None:
         "(params, buffers, AdamW state, batch, activations, grads, temporaries) over forward + backward + clip + "
         "optimizer step; device independent. **CUDA max allocated**: "
         "`torch.cuda.max_memory_allocated` over the same step (GPU only).",
-        "- **† active block only** (hypothetical, not what the code does today): what a rank would hold if "
-        "inactive blocks' parameters and AdamW state lived on other ranks or were offloaded "
-        "(METHOD.md §10: (4P+A)·L/B plus the shared modules). For e2e rows it equals the resident total.",
+        "- **† active block only**: what a rank would hold if inactive blocks' parameters and AdamW state lived "
+        "elsewhere (METHOD.md §10: (4P+A)·L/B plus the shared modules), as in block-parallel mode with one rank "
+        "per block (`dblocks.offload_optimizer` moves only their AdamW state to the host). For e2e rows it "
+        "equals the resident total.",
         "- DB rows: the maximum over the measured blocks of each column (blocks differ only in which layers run). "
-        "Placeholders are rows that do not exist yet.",
+        "Placeholder rows are not measured by this one-process script; the reason says where they are.",
         "",
         *targets,
         "",
