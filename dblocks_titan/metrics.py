@@ -28,6 +28,7 @@ from torch import nn
 from torchtitan.components.metrics import BaseLogger, MetricsProcessor
 from torchtitan.distributed import ParallelDims
 
+from dblocks_titan.models.block_denoiser import layer_flops_per_token, layer_params_without_adaln
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,30 +47,6 @@ def move_aside(path: str) -> None:
 def record_kind(metrics: dict[str, Any]) -> str:
     """``validation`` for titan's ``log_validation`` dicts (keys ``validation_metrics/*``), else ``train``."""
     return "validation" if any(k.startswith("validation_metrics/") for k in metrics) else "train"
-
-
-def layer_flops_per_token(
-    *, n_layers: int, num_blocks: int, positions_per_token: int, layer_params: int, n_heads: int, head_dim: int,
-    seq_len: int,
-) -> int:
-    """Forward + backward FLOPs of the transformer layers that run for one input token in one step:
-
-        (L/B) · p · (6·P_layer + 12·H·d·p·N)
-
-    L layers cut into B blocks (B = 1 end to end), of which one block runs; p positions per input token
-    in the layers (2 for the AR DiffusionBlocks layout [clean | noisy], else 1); P_layer one layer's
-    parameters without its adaLN (that Linear runs once per sample, not per position: 6·P_adaLN per
-    sample, under 1% of a layer at N ≥ 128); H heads of d dims; N = seq_len. The attention term is
-    titan's convention (``get_dense_model_nparams_and_flops``, as in ``BlockDenoiser.block_flops``):
-    each of the p·N queries against p·N keys, no causal sparsity.
-    """
-    p = positions_per_token
-    return n_layers // num_blocks * p * (6 * layer_params + 12 * n_heads * head_dim * p * seq_len)
-
-
-def layer_params_without_adaln(layer: nn.Module) -> int:
-    """Parameters of one layer, its ``adaln`` Linear excluded (names may carry compile / AC wrapper prefixes)."""
-    return sum(p.numel() for name, p in layer.named_parameters() if "adaln" not in name.split("."))
 
 
 def run_record(job: dict[str, Any], model: nn.Module, dp_degree: int) -> dict[str, Any]:

@@ -153,21 +153,44 @@ class DBlockLayer(TransformerBlock):
 
     def forward(self, x, c, attention_masks, positions):
         """x [B, L, D]; c [B, D] (already SiLU'd); positions [B, L]."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
-        h = modulated_norm(self.attention_norm, x, shift_a, scale_a)
-        x = x + gate_a[:, None] * self.attention(h, attention_masks, positions)
-        h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
-        return x + gate_m[:, None] * self.feed_forward(h)
+        return self._modulated(x, c, lambda h: self.attention(h, attention_masks, positions))
 
     def forward_cached(self, x, c, cache: KVCache, positions, keep: int):
         """:meth:`forward` for m new rows after the rows in ``cache`` (:func:`cached_attention`: new
         row r attends to the cached rows and new rows ≤ r; the first ``keep`` rows are cached).
         x [B, m, D]; c [B, D]; positions [1 or B, m]."""
+        return self._modulated(x, c, lambda h: cached_attention(self.attention, h, cache, positions, keep))
+
+    def _modulated(self, x, c, attend):
+        """The adaLN layer body around ``attend`` (normed, modulated x → the attention's output)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
-        h = modulated_norm(self.attention_norm, x, shift_a, scale_a)
-        x = x + gate_a[:, None] * cached_attention(self.attention, h, cache, positions, keep)
+        x = x + gate_a[:, None] * attend(modulated_norm(self.attention_norm, x, shift_a, scale_a))
         h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
         return x + gate_m[:, None] * self.feed_forward(h)
+
+
+def layer_flops_per_token(
+    *, n_layers: int, num_blocks: int, positions_per_token: int, layer_params: int, n_heads: int, head_dim: int,
+    seq_len: int,
+) -> int:
+    """Forward + backward FLOPs of the transformer layers that run for one input token in one step:
+
+        (L/B) · p · (6·P_layer + 12·H·d·p·N)
+
+    L layers cut into B blocks (B = 1 end to end), of which one block runs; p positions per input token
+    in the layers (2 for the AR DiffusionBlocks layout [clean | noisy], else 1); P_layer one layer's
+    parameters without its adaLN (that Linear runs once per sample, not per position: 6·P_adaLN per
+    sample, under 1% of a layer at N ≥ 128); H heads of d dims; N = seq_len. The attention term is
+    titan's convention (``get_dense_model_nparams_and_flops``):
+    each of the p·N queries against p·N keys, no causal sparsity.
+    """
+    p = positions_per_token
+    return n_layers // num_blocks * p * (6 * layer_params + 12 * n_heads * head_dim * p * seq_len)
+
+
+def layer_params_without_adaln(layer: nn.Module) -> int:
+    """Parameters of one layer, its ``adaln`` Linear excluded (names may carry compile / AC wrapper prefixes)."""
+    return sum(p.numel() for name, p in layer.named_parameters() if "adaln" not in name.split("."))
 
 
 def check_num_blocks(n_layers: int, num_blocks: int) -> None:
@@ -197,24 +220,23 @@ class BlockDenoiser(Decoder):
 
         def block_flops(self, model: nn.Module, positions_per_token: int, head_positions_per_token: int, seq_len: int):
             """(nparams, FLOPs per input token of one step with one block active), counting what runs:
-            ``6·(p·(L/B)·P_layer + h·P_head + P_once/N) + 6·(L/B)·heads·2·head_dim·p²·N`` with p positions
-            per input token in the layers (2 for the AR layout), h at the head, P_layer a layer's
-            parameters without its adaLN, and P_once the linears run once per sample (the block's adaLNs,
-            the final adaLN, the time embedder). The attention term is titan's
-            (``get_dense_model_nparams_and_flops``: no causal sparsity) at p·N keys for p·N queries."""
+            :func:`layer_flops_per_token` + ``6·(h·P_head + P_once/N)`` with h positions per input token
+            at the head and P_once the linears run once per sample (the block's adaLNs, the final adaLN,
+            the time embedder)."""
             nparams = sum(p.numel() for p in model.parameters())
             layer = next(iter(model.layers.values()))
             adaln_params = sum(p.numel() for p in layer.adaln.parameters())
-            layer_params = sum(p.numel() for p in layer.parameters()) - adaln_params
             block_layers = len(self.layers) // self.num_blocks
             once = block_layers * adaln_params + sum(
                 p.numel() for m in (model.final_adaln, model.t_embedder) for p in m.parameters()
             )
-            attn = layer.attention
-            head_dims = 2 * (self.dim // attn.n_heads)
-            p = positions_per_token
-            flops = 6 * (p * block_layers * layer_params + head_positions_per_token * self.dim * self.vocab_size)
-            flops += 6 * once / seq_len + 6 * block_layers * attn.n_heads * head_dims * p * p * seq_len
+            n_heads = layer.attention.n_heads
+            flops = layer_flops_per_token(
+                n_layers=len(self.layers), num_blocks=self.num_blocks, positions_per_token=positions_per_token,
+                layer_params=layer_params_without_adaln(layer), n_heads=n_heads, head_dim=self.dim // n_heads,
+                seq_len=seq_len,
+            )
+            flops += 6 * head_positions_per_token * self.dim * self.vocab_size + 6 * once / seq_len
             return nparams, int(flops)
 
     def __init__(self, config: Config):
