@@ -299,7 +299,7 @@ def budget_section(runs: list[Run], reference: Run | None) -> list[str]:
         "A DiffusionBlocks run takes B× the optimizer steps (and B× warm-up) of its end-to-end baseline, so "
         "every block gets the baseline's number of updates; each step trains one block of L/B layers. It sees "
         "B× the baseline's data. Layer-FLOPs per step (run record of `metrics.jsonl`, "
-        "`dblocks_titan.metrics.layer_flops_per_token` × tokens per step) = (L/B)·p·(6·P_layer + 12·H·d·p·N) "
+        "`dblocks_titan.models.block_denoiser.layer_flops_per_token` × tokens per step) = (L/B)·p·(6·P_layer + 12·H·d·p·N) "
         "per input token, titan's dense-attention convention, with p = 2 positions per token for the AR DB "
         "layout [clean | noisy] (p = 1 otherwise). An AR DB step therefore costs more than 1/B of an e2e step "
         "(column ÷ e2e above), and its equal-FLOP point comes before B× the e2e steps. Reports give both the "
