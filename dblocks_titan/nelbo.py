@@ -46,7 +46,8 @@ def nelbo_per_range(
             t = (lo + (hi - lo) * (k + u) / t_samples).clamp_min(T_MIN)
             assert bool((t_to_block(t, model.num_blocks) == block).all()), "t must be evaluated by its owning block"
             c = absorb(x, t, mask_id=mask_id, generator=generator)
-            integrand = masked_nelbo(model(c.x_t, t=t, block=block), x, c, global_valid_tokens=1)
+            hidden = model(c.x_t, t=t, block=block, skip_lm_head=True)
+            integrand = masked_nelbo(hidden, x, c, lm_head=model.lm_head, mask_id=mask_id, global_valid_tokens=1)
             out[r] += (hi - lo) / t_samples * integrand.double()
     return out
 

@@ -15,12 +15,12 @@ AR (METHOD.md §4, §6), for block b:
 Masked diffusion (METHOD.md §7), for block b:
 1. ``t_i`` uniform (stratified across the batch) inside block b's widened t range;
 2. each token replaced by [MASK] with probability ``t_i`` (α(t) = 1 − t);
-3. loss = the NELBO integrand ``Σ_i (1/t_i)·Σ_{masked j} −log p(x_ij | x_t)`` (logged as is).
+3. loss = the NELBO integrand ``Σ_i (1/t_i)·Σ_{masked j} −log p(x_ij | x_t)`` (logged as is), the
+   head and CE run only at the masked positions, in chunks (:func:`masked_nelbo`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,8 @@ def ar_corrupt(
 
 class WeightedCrossEntropyLoss(BaseLoss):
     """titan loss of one chunk: ``(Σ_t w_t·CE_t / global_valid_tokens, {"ce_mean": Σ_t CE_t / global_valid_tokens})``
-    with per-token weights ``w`` [B, L] (``ignore_index`` tokens contribute 0)."""
+    with per-token weights ``w`` [B, L] (``ignore_index`` tokens contribute 0); ``never_predict``: a
+    class whose logit is set to the dtype's minimum (SUBS's [MASK])."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(BaseLoss.Config):
@@ -60,9 +61,39 @@ class WeightedCrossEntropyLoss(BaseLoss):
     def __init__(self, config: Config, *, compile_config=None):
         pass
 
-    def __call__(self, pred, labels, global_valid_tokens=None, *, weights):
-        ce = F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+    def __call__(self, pred, labels, global_valid_tokens=None, *, weights, never_predict=None):
+        logits = pred.flatten(0, 1).float()
+        if never_predict is not None:
+            column = torch.tensor([never_predict], device=logits.device)
+            logits = logits.index_fill(-1, column, torch.finfo(logits.dtype).min)
+        ce = F.cross_entropy(logits, labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return (weights.flatten() * ce).sum() / global_valid_tokens, {"ce_mean": ce.detach().sum() / global_valid_tokens}
+
+
+def chunked_head_loss(
+    rows: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *, global_valid_tokens,
+    lm_head: nn.Module | None = None, num_chunks: int = 8, never_predict: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``Σ_r w_r·CE_r / global_valid_tokens``, ``Σ_r CE_r / global_valid_tokens``) of the head on M rows.
+
+    rows [M, D] is the head's input (``lm_head`` given) or the logits [M, V] (``lm_head`` None);
+    labels, weights [M]. titan's ``ChunkedLossWrapper`` applies the head and the CE to ``num_chunks``
+    equal chunks (rows padded with zero rows of ignored label to a multiple of ``num_chunks``, at
+    least one row per chunk), running each chunk's backward at once: the head's gradient is
+    accumulated during this call, only one chunk's fp32 log-softmax is alive, and the returned loss
+    backpropagates the gathered gradient of ``rows``. ``never_predict`` as in
+    :class:`WeightedCrossEntropyLoss`.
+    """
+    pad = max(1, -(-rows.shape[0] // num_chunks)) * num_chunks - rows.shape[0]
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
+        weights = torch.cat([weights, weights.new_zeros(pad)])
+    loss_fn = ChunkedLossWrapper.Config(num_chunks=num_chunks, loss_fn=WeightedCrossEntropyLoss.Config()).build()
+    loss_fn.set_lm_head(nn.Identity() if lm_head is None else lm_head)
+    loss, metrics = loss_fn(rows[None], labels[None], global_valid_tokens, weights=weights[None],
+                            never_predict=never_predict)
+    return loss, metrics["ce_mean"]
 
 
 def ar_loss(
@@ -72,20 +103,12 @@ def ar_loss(
     """(weighted loss ``Σ_i v_i·Σ_t CE_it / global_valid_tokens``, unweighted CE ``Σ CE / global_valid_tokens``).
 
     pred [B, N, D] is the head's input (``lm_head`` given) or the logits [B, N, V] (``lm_head`` None);
-    labels [B, N]; sigma [B]; ``v`` = ``per_sample_weights``. titan's ``ChunkedLossWrapper`` applies
-    the head and the CE to ``gcd(B·N, num_chunks)`` equal chunks of the B·N positions, running each
-    chunk's backward at once (so the head's gradient is accumulated during this call and only one
-    chunk's fp32 log-softmax is alive); the returned loss backpropagates the gathered gradient of
-    ``pred``.
+    labels [B, N]; sigma [B]; ``v`` = ``per_sample_weights``. Head and CE run in chunks
+    (:func:`chunked_head_loss`).
     """
     weights = per_sample_weights(sigma, weighting, edm)[:, None].expand_as(labels)
-    loss_fn = ChunkedLossWrapper.Config(
-        num_chunks=math.gcd(labels.numel(), num_chunks), loss_fn=WeightedCrossEntropyLoss.Config()
-    ).build()
-    loss_fn.set_lm_head(nn.Identity() if lm_head is None else lm_head)
-    loss, metrics = loss_fn(pred.flatten(0, 1)[None], labels.reshape(1, -1), global_valid_tokens,
-                            weights=weights.reshape(1, -1))
-    return loss, metrics["ce_mean"]
+    return chunked_head_loss(pred.flatten(0, 1), labels.flatten(), weights.flatten(),
+                             global_valid_tokens=global_valid_tokens, lm_head=lm_head, num_chunks=num_chunks)
 
 
 @dataclass
@@ -111,13 +134,33 @@ def masked_corrupt(
 
 
 def masked_nelbo(
-    logits: torch.Tensor, x: torch.Tensor, c: MaskedCorruption, *, global_valid_tokens: torch.Tensor
+    hidden: torch.Tensor, x: torch.Tensor, c: MaskedCorruption, *, lm_head: nn.Module, mask_id: int,
+    global_valid_tokens,
 ) -> torch.Tensor:
     """``Σ_i (1/t_i)·Σ_{masked j} −log p_θ(x_ij | x_t) / global_valid_tokens``: the continuous-time
-    NELBO integrand at t (nats per token). logits [B, N, V] (SUBS); x [B, N]."""
-    nll = F.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-    nll = torch.where(c.masked, nll, 0.0)  # unmasked positions carry their token: no loss
-    return (nelbo_weight(c.t)[:, None] * nll).sum() / global_valid_tokens
+    NELBO integrand at t (nats per token), from the head's input ``hidden`` [B, N, D]; x [B, N].
+
+    SUBS: an unmasked position carries its token (−log p = 0) and [MASK] is never predicted, so the
+    head and the CE run only at the masked positions (:func:`chunked_head_loss` in
+    :func:`logit_chunks` chunks, [MASK]'s logit at the minimum): on average half the positions, and
+    no [B, N, V] logits are ever built.
+    """
+    weights = nelbo_weight(c.t)[:, None].expand_as(x)
+    rows = hidden[c.masked]
+    loss, _ = chunked_head_loss(rows, x[c.masked], weights[c.masked], lm_head=lm_head,
+                                global_valid_tokens=global_valid_tokens, never_predict=mask_id,
+                                num_chunks=logit_chunks(rows.shape[0], lm_head.out_features))
+    return loss
+
+
+LOGIT_CHUNK_BYTES = 32 * 2**20
+
+
+def logit_chunks(rows: int, vocab_size: int, num_chunks: int = 8) -> int:
+    """Chunks for the head + CE of ``rows`` rows: titan's ``num_chunks``, or one when all the fp32
+    logits fit in :data:`LOGIT_CHUNK_BYTES`. Each chunk costs a head call and a backward call, which a
+    small vocabulary (text8's 28 symbols) does not repay."""
+    return 1 if rows * vocab_size * 4 <= LOGIT_CHUNK_BYTES else num_chunks
 
 
 class ARObjective:
@@ -143,8 +186,9 @@ class MaskedDiffusionObjective:
     def __call__(self, model, inputs, labels, extra_kwargs, *, block, generator, global_valid_tokens):
         c = masked_corrupt(labels, block=block, num_blocks=self.db.num_blocks, gamma=self.db.gamma,
                            mask_id=self.mask_id, generator=generator)
-        logits = model(c.x_t, **extra_kwargs, t=c.t, block=block)
-        loss = masked_nelbo(logits, labels, c, global_valid_tokens=global_valid_tokens)
+        hidden = model(c.x_t, **extra_kwargs, t=c.t, block=block, skip_lm_head=True)
+        loss = masked_nelbo(hidden, labels, c, lm_head=model.lm_head, mask_id=self.mask_id,
+                            global_valid_tokens=global_valid_tokens)
         return loss, loss.detach()
 
 

@@ -219,6 +219,8 @@ class Step:
     """Transformer layers that run in one step (L for e2e, L/B for DB)."""
     positions_per_token: int
     """Sequence positions each layer processes per input token (1 for e2e, 2 for DB AR)."""
+    head_positions_per_token: float = 1.0
+    """Positions per input token the head runs at (MDLM: the masked ones, ½ on average)."""
 
     def loss(self, block: int = 0) -> torch.Tensor:
         raise NotImplementedError
@@ -253,11 +255,13 @@ class Step:
 
     def linear_flops_per_token(self) -> int:
         """Exact matmul FLOPs per input token of the linear layers that run at every position:
-        6 · (weights of the active layers × positions per token + head). Excludes attention scores,
-        and DB's adaLN / time-embedder linears, which run once per sample (negligible)."""
+        6 · (weights of the active layers × positions per token + head × its positions per token).
+        Excludes attention scores, and DB's adaLN / time-embedder linears, which run once per sample
+        (negligible)."""
         layer = self.model.layers["0"]
         per_layer = sum(p.numel() for n, p in layer.named_parameters() if p.dim() == 2 and "adaln" not in n)
-        return 6 * (self.active_layers * self.positions_per_token * per_layer + self.model.lm_head.weight.numel())
+        head = self.head_positions_per_token * self.model.lm_head.weight.numel()
+        return int(6 * (self.active_layers * self.positions_per_token * per_layer + head))
 
 
 class DBStep(Step):
@@ -271,6 +275,8 @@ class DBStep(Step):
         self.active_layers = len(cfg.layers) // cfg.num_blocks
         self.objective = build_objective(cfg, DBlocksConfig(num_blocks=cfg.num_blocks, gamma=gamma))
         self.positions_per_token = 1 if hasattr(cfg, "mask_id") else 2  # AR: [clean | noisy]
+        if hasattr(cfg, "mask_id"):
+            self.head_positions_per_token = mdlm.HEAD_POSITIONS_PER_TOKEN
         self.seed = seed
         self._calls = 0
         self.gvt = torch.tensor(labels.numel(), device=labels.device)
@@ -332,7 +338,7 @@ def step_from_args(kind: str, *, num_blocks: int = 1, **step_kwargs) -> Callable
 
     def build(args, device: torch.device) -> Step:
         if kind == "mdlm":
-            model = dict(flavor=args.mdlm_flavor, n_layers=args.mdlm_layers)
+            model = dict(flavor=args.mdlm_flavor, n_layers=args.mdlm_layers, vocab_size=args.vocab_size)
         else:
             model = dict(flavor=args.flavor, attn_backend=args.attn_backend, vocab_size=args.vocab_size)
         return make_step(kind, device=device, batch=args.batch, seq=args.seq, num_blocks=num_blocks, seed=args.seed,

@@ -313,7 +313,7 @@ def main(argv=None) -> None:
     p.add_argument("--flavor", default="debugmodel", help="debugmodel | 125M | 1B | 8B")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256, help="input tokens N per sample (DB AR runs 2N positions)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the flavor's vocabulary")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary of every row (AR and MDLM)")
     p.add_argument("--mdlm-flavor", default="debugmodel", help="flavor of the MDLM rows (mdlm.FLAVORS)")
     p.add_argument("--mdlm-layers", type=int, default=8,
                    help="n_layers of the MDLM rows (debugmodel has 6; B = 4 needs a multiple of 4)")

@@ -8,8 +8,11 @@ One process, no FSDP. Every variant is built once (model + titan AdamW), warmed 
 ALTERNATELY — e2e llama3, DB AR B=2, DB AR B=4, e2e MDLM, DB MDLM B=2, DB MDLM B=4, e2e llama3, … —
 so that drifts of the machine (clock, other load) hit every variant alike. A timed step is a full
 training step: forward + loss, backward, grad clipping (max-norm 1.0) and the AdamW step, with a
-device sync at both ends. DB steps cycle through the blocks (block = step mod B). Reported: the
-median over ``--steps`` timed steps. Ratios are within a family: AR variants against e2e llama3,
+device sync at both ends. DB steps cycle through the blocks (block = step mod B). A step's cost
+depends on its block (MDLM: the head runs at the masked positions, ~87% of them for block 0 and
+~13% for block 3 at B = 4), so a step time is the mean over one cycle of B consecutive steps (one
+per block; e2e: one step), and the script reports the median over the whole cycles of the
+``--steps`` timed steps. Ratios are within a family: AR variants against e2e llama3,
 MDLM variants against e2e MDLM (the same masked-diffusion model as one block).
 
 Definitions (the same for every variant):
@@ -21,7 +24,8 @@ Definitions (the same for every variant):
   (tokens/s × active layers), which charges the AR layout for its doubled sequence.
 - model FLOP/s = tokens/s × ``get_nparams_and_flops(model, N)[1]`` of each model's config (titan's
   6·P + attention formula; DB's ``block_flops`` counts what runs: the block's layers at p·N, the
-  head at N, the adaLN / time-embedder linears once per sample). MFU = model FLOP/s / titan's
+  head at N (MDLM: at the masked positions, N/2 on average), the adaLN / time-embedder linears once
+  per sample). MFU = model FLOP/s / titan's
   ``get_peak_flops`` (GPU only; the bf16 peak, so use ``--amp bf16``).
 """
 
@@ -76,8 +80,11 @@ class Timing:
     fwd_s: list[float] = field(default_factory=list)
     bwd_s: list[float] = field(default_factory=list)
     opt_s: list[float] = field(default_factory=list)
+    cycle: int = 1
+    """Consecutive steps that visit every block once (B for DB, 1 for e2e)."""
     active_layers: int = 0
     positions_per_token: int = 1
+    head_positions_per_token: float = 1.0
     flops_per_token: int = 0
     linear_flops_per_token: int = 0
     profile: dict[str, float] = field(default_factory=dict)
@@ -146,8 +153,9 @@ def run(args, device) -> tuple[list[Timing], float]:
         if args.amp == "bf16":
             built.amp_dtype = torch.bfloat16
         steps[name] = built
-        timings[name] = Timing(name=name, active_layers=built.active_layers,
+        timings[name] = Timing(name=name, active_layers=built.active_layers, cycle=getattr(built, "num_blocks", 1),
                                positions_per_token=built.positions_per_token,
+                               head_positions_per_token=built.head_positions_per_token,
                                flops_per_token=built.flops_per_token(args.seq),
                                linear_flops_per_token=built.linear_flops_per_token())
     for name, step in steps.items():  # warm-up (kernels, AdamW state, DB mask cache, flex compile)
@@ -163,7 +171,8 @@ def run(args, device) -> tuple[list[Timing], float]:
             t.opt_s.append(opt)
     if args.profile_steps:
         for name, step in steps.items():
-            timings[name].profile = profile(step, args.profile_steps, device)
+            cycle = timings[name].cycle  # whole block cycles
+            timings[name].profile = profile(step, -(-args.profile_steps // cycle) * cycle, device)
     return list(timings.values()), time.perf_counter() - t_start
 
 
@@ -172,16 +181,25 @@ def run(args, device) -> tuple[list[Timing], float]:
 # --------------------------------------------------------------------------------------------
 
 
+def cycle_means(values: list[float], cycle: int) -> list[float]:
+    """Means of consecutive whole cycles of ``cycle`` values (a trailing partial cycle is dropped)."""
+    return [statistics.fmean(values[i:i + cycle]) for i in range(0, len(values) - cycle + 1, cycle)]
+
+
 def metrics(t: Timing, args) -> dict[str, float]:
-    med = statistics.median(t.step_s)
-    q = statistics.quantiles(t.step_s, n=4) if len(t.step_s) >= 2 else [med, med, med]
+    def median(values):
+        return statistics.median(cycle_means(values, t.cycle))
+
+    steps = cycle_means(t.step_s, t.cycle)
+    med = statistics.median(steps)
+    q = statistics.quantiles(steps, n=4) if len(steps) >= 2 else [med, med, med]
     tokens = args.batch * args.seq
     tps = tokens / med
     return dict(
         step_ms=med * 1e3, iqr_ms=(q[2] - q[0]) * 1e3, steps_s=1 / med, tokens_s=tps,
         layer_tokens_s=tps * t.active_layers, layer_positions_s=tps * t.active_layers * t.positions_per_token,
-        flops_s=tps * t.flops_per_token, linear_flops_s=tps * t.linear_flops_per_token, fwd_ms=statistics.median(t.fwd_s) * 1e3,
-        bwd_ms=statistics.median(t.bwd_s) * 1e3, opt_ms=statistics.median(t.opt_s) * 1e3,
+        flops_s=tps * t.flops_per_token, linear_flops_s=tps * t.linear_flops_per_token, fwd_ms=median(t.fwd_s) * 1e3,
+        bwd_ms=median(t.bwd_s) * 1e3, opt_ms=median(t.opt_s) * 1e3,
     )
 
 
@@ -200,7 +218,7 @@ def report(timings: list[Timing], args, device, runtime: float) -> tuple[str, li
     peak = peak_flops(device)
     measured = {t.name: metrics(t, args) for t in timings if t.step_s}
     by_name = {t.name: t for t in timings}
-    headers = ["variant", "active layers", "step (ms, median)", "IQR (ms)", "steps/s", "tokens/s",
+    headers = ["variant", "active layers", "step (ms, median of block cycles)", "IQR (ms)", "steps/s", "tokens/s",
                "layer-tokens/s (×1e3)", "vs e2e (tokens)", "layer-positions/s (×1e3)", "vs e2e (positions): target",
                "model TFLOP/s" if device.type == "cuda" else "model GFLOP/s", "MFU",
                "linear-layer TFLOP/s" if device.type == "cuda" else "linear-layer GFLOP/s",
@@ -250,8 +268,8 @@ def report(timings: list[Timing], args, device, runtime: float) -> tuple[str, li
             f"{ref['step_ms']:.1f} ms; 1.0 needs ≤ {ref['step_ms'] * work:.1f} ms ({work:g} × e2e: DB's layers "
             f"process {work:g} of e2e's layer-positions per step). Ceiling if both ran their linear layers at the same "
             f"FLOP/s (attention free): **{ceiling:.3f}** = {work:g} × (e2e ÷ DB linear FLOPs per input token: "
-            f"{te.linear_flops_per_token / 1e6:.2f}M ÷ {td.linear_flops_per_token / 1e6:.2f}M) — the head runs at N "
-            f"positions in both, so it is not divided by B. Measured / ceiling = {rp / ceiling:.2f}; linear-layer "
+            f"{te.linear_flops_per_token / 1e6:.2f}M ÷ {td.linear_flops_per_token / 1e6:.2f}M) — the head runs at "
+            f"the same positions per token in both ({td.head_positions_per_token:g} × N), so it is not divided by B. Measured / ceiling = {rp / ceiling:.2f}; linear-layer "
             f"FLOP/s DB/e2e = {db['linear_flops_s'] / ref['linear_flops_s']:.2f}.",
             "",
         ]
@@ -309,7 +327,7 @@ def main(argv=None) -> None:
     p.add_argument("--flavor", default="debugmodel", help="debugmodel | 125M | 1B | 8B")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256, help="input tokens N per sample (DB AR runs 2N positions)")
-    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary of every variant (AR and MDLM)")
     p.add_argument("--mdlm-flavor", default="debugmodel", help="flavor of the MDLM variants (mdlm.FLAVORS)")
     p.add_argument("--mdlm-layers", type=int, default=8,
                    help="n_layers of the MDLM variants (debugmodel has 6; B = 4 needs a multiple of 4)")
@@ -318,7 +336,7 @@ def main(argv=None) -> None:
                    help="autocast of forward+loss; default bf16 on CUDA, none on CPU")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (≥ 10)")
-    p.add_argument("--profile-steps", type=int, default=6, help="torch.profiler steps per variant (0: off)")
+    p.add_argument("--profile-steps", type=int, default=6, help="torch.profiler steps per variant, rounded up to whole block cycles (0: off)")
     p.add_argument("--variants", default=None, help="comma-separated substrings: only matching variants")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/throughput.md")
@@ -358,7 +376,8 @@ def main(argv=None) -> None:
            "bidirectional SDPA for MDLM)" if device.type == "cpu" and args.attn_backend in ("auto", "sdpa") else ""),
         f"- {args.warmup} warm-up steps per variant, then {args.steps} timed steps per variant taken alternately "
         f"(each variant in turn, then again, …); each a full step: forward + loss, backward, clip, AdamW; DB cycles "
-        f"its blocks; the AR loss is titan's chunked CE in both (8 chunks), MDLM's loss is unchunked (vocabulary 28)",
+        f"its blocks; the AR loss is titan's chunked CE in both (8 chunks); MDLM's loss runs the head and CE only at "
+        f"the masked positions, in 8 chunks, in both",
         f"- script runtime {runtime:.0f} s",
         "",
         table,
@@ -368,9 +387,10 @@ def main(argv=None) -> None:
         "**layer-positions/s** = the same with the positions each layer processes (AR DB: 2N per N tokens). Ratios "
         "are against the e2e variant of the same family (AR: e2e llama3; MDLM: e2e MDLM). "
         "**model FLOP/s** = tokens/s × each config's `get_nparams_and_flops` FLOPs per token (DB: its block at p·N "
-        "positions without the adaLN linears, + the head at N + the once-per-sample adaLN/time-embedder linears). "
+        "positions without the adaLN linears, + the head at N (MDLM: N/2, its masked positions on average) + the "
+        "once-per-sample adaLN/time-embedder linears). "
         "**MFU** = model FLOP/s / titan's `get_peak_flops` (GPU only). **linear-layer FLOP/s**: exact matmul FLOPs of "
-        "the linear layers run at every position (6 × weights × positions, head included; attention scores and the "
+        "the linear layers (6 × weights × positions, head included at its positions; attention scores and the "
         "once-per-sample adaLN excluded) per second: the like-for-like efficiency. **fwd+loss / bwd / opt**: medians "
         "of the phases (chunked CE runs the head's backward inside fwd+loss).",
         "",

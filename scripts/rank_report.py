@@ -8,7 +8,8 @@ as one process), take STEPS optimizer steps, and write per rank r:
 - ``<out>/grads<r>.pt``: the full gradients of the last step.
 
 Usage: rank_report.py OUT_DIR CONFIG STEPS [extra CLI overrides...]
-With DBLOCKS_FIXED_BATCHES=1 the data are random token batches numbered by their global
+With DBLOCKS_FIXED_BATCHES=1 the data are random token batches (below [MASK] for masked
+diffusion) numbered by their global
 micro-batch index (step, rank, micro-batch), so one process accumulating 2 micro-batches sees
 exactly what 2 ranks taking one each see. With DBLOCKS_FIXED_BLOCK=b every step trains block b.
 Used by the tests and by ``bench_per_rank.py``.
@@ -39,7 +40,7 @@ def fixed_batches(trainer):
     """Micro-batch k = (step − 1)·W·A + rank·A + j of uniform random tokens (W ranks, A accumulation)."""
     world, accum = int(os.environ.get("WORLD_SIZE", "1")), trainer.gradient_accumulation_steps
     rank, shape = int(os.environ.get("RANK", "0")), (trainer.config.training.local_batch_size, trainer.config.training.seq_len + 1)
-    vocab = trainer.model_config.vocab_size
+    vocab = getattr(trainer.model_config, "mask_id", trainer.model_config.vocab_size)  # clean text never holds [MASK]
     for step in range(10**6):
         for j in range(accum):
             k = step * world * accum + rank * accum + j

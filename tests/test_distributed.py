@@ -163,33 +163,39 @@ def test_selective_activation_checkpointing_keeps_the_fsdp_loss_trace(tmp_path):
         assert traces["selective_ac"][rank] == pytest.approx(traces["plain"][rank], rel=1e-5)
 
 
-def test_fsdp_with_ac_and_compile_matches_one_process(tmp_path):
-    """Sequential mode: 2 FSDP2 ranks with full AC and per-layer compile give the losses and gradients of
-    one process accumulating the same two micro-batches per step (same data, same noise: it is seeded by
-    the global micro-batch index), from one seed checkpoint (titan's way to start any mesh from the same
-    weights; FSDP's sharded random init on CPU differs from the unsharded one)."""
+def fsdp_matches_one_process(tmp_path, config: str, steps: int, local_batch: int, *fsdp_overrides: str):
+    """Sequential mode: 2 FSDP2 ranks (with ``fsdp_overrides``) give the losses and gradients of one
+    process accumulating the same two micro-batches per step (same data, same noise: it is seeded by
+    the global micro-batch index), from one seed checkpoint (titan's way to start any mesh from the
+    same weights; FSDP's sharded random init on CPU differs from the unsharded one). Returns the
+    FSDP run's output and the one-process loss trace."""
     import shutil
 
-    config, steps = "train_configs/debug_dblocks.toml", "6"
     seed = tmp_path / "seed"
     run([PY, "-m", "dblocks_titan.train", "--job.config_file", config, "--checkpoint.enable",
          "--checkpoint.create_seed_checkpoint", "--training.steps", "1", "--parallelism.data_parallel_shard_degree",
          "1", "--validator.no-enable", "--dump_folder", str(seed)])
-    launches = {"one_process": ([PY], ["--training.global_batch_size", "16"]),
-                "fsdp_ac_compile": (TORCHRUN, ["--compile.enable", "activation-checkpoint:full"])}
+    launches = {"one_process": ([PY], ["--training.global_batch_size", str(2 * local_batch)]),
+                "fsdp": (TORCHRUN, list(fsdp_overrides))}
     for name, (launch, extra) in launches.items():
         shutil.copytree(seed / "checkpoint", tmp_path / name / "checkpoint")
-        out = run([*launch, "scripts/rank_report.py", str(tmp_path / name), config, steps, "--checkpoint.enable",
+        out = run([*launch, "scripts/rank_report.py", str(tmp_path / name), config, str(steps), "--checkpoint.enable",
                    "--checkpoint.interval", "1000", "--validator.no-enable", *extra], env={"DBLOCKS_FIXED_BATCHES": "1"})
-    assert "Applied FullAC activation checkpointing" in out and "Compiling each TransformerBlock" in out
     one, fsdp = (trace(tmp_path / name, 0) for name in launches)
     assert [r["block"] for r in one] == [r["block"] for r in fsdp] and len({r["block"] for r in one}) > 1
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    assert one[-1]["loss"] < one[0]["loss"] - 0.05
     grads_one, grads_fsdp = (torch.load(tmp_path / name / "grads0.pt") for name in launches)
     assert set(grads_one) == set(grads_fsdp) and len(grads_one) > 9  # the last step's block + shared modules
     for name, g in grads_one.items():
         assert (grads_fsdp[name] - g).norm() <= 1e-3 * g.norm() + 1e-9, name
+    return out, one
+
+
+def test_fsdp_with_ac_and_compile_matches_one_process(tmp_path):
+    out, one = fsdp_matches_one_process(tmp_path, "train_configs/debug_dblocks.toml", 6, 8,
+                                        "--compile.enable", "activation-checkpoint:full")
+    assert "Applied FullAC activation checkpointing" in out and "Compiling each TransformerBlock" in out
+    assert one[-1]["loss"] < one[0]["loss"] - 0.05
 
 
 def test_offloaded_optimizer_state_trains_and_resumes_like_the_resident_run(tmp_path):

@@ -8,7 +8,8 @@ diffusion with the linear schedule α(t) = 1 − t: each token of the clean sequ
 2. the block's L/B adaLN layers, full (bidirectional) attention;
 3. shared readout (final norm → final adaLN → head) → logits ``[B, N, V]``;
 4. SUBS parameterisation: [MASK] is never predicted (its logit is −∞) and unmasked positions
-   carry their token (log-prob 0 on it, −∞ elsewhere).
+   carry their token (log-prob 0 on it, −∞ elsewhere). Training and the NELBO stop before the head
+   (``skip_lm_head``) and run it only at the masked positions (``objectives.masked_nelbo``).
 
 With ``num_blocks = 1`` this is exactly the end-to-end MDLM baseline (model name ``mdlm``).
 """
@@ -20,6 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from dblocks_titan.models.block_denoiser import BlockDenoiser, decoder_parts, flavor_kwargs, MaskedSDPA
+
+
+HEAD_POSITIONS_PER_TOKEN = 0.5
+"""The training loss runs the head only at masked positions: a fraction t of them, ½ on average
+(E[t] = ½ for t ~ U(0, 1), and the mean of the B blocks' symmetric widened ranges is ½ too)."""
 
 
 class MDLM(BlockDenoiser):
@@ -40,7 +46,7 @@ class MDLM(BlockDenoiser):
             BlockDenoiser.Config.update_from_config(self, config=config, **kwargs)
 
         def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
-            return self.block_flops(model, 1, 1, seq_len)
+            return self.block_flops(model, 1, HEAD_POSITIONS_PER_TOKEN, seq_len)
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -54,14 +60,18 @@ class MDLM(BlockDenoiser):
         *,
         t: torch.Tensor,
         block: int = 0,
+        skip_lm_head: bool = False,
     ) -> torch.Tensor:
         """SUBS log-probabilities' logits [B, N, V] for the corrupted ``tokens`` x_t [B, N] at
-        masking level ``t`` [B], running only ``block``'s layers."""
+        masking level ``t`` [B], running only ``block``'s layers (``skip_lm_head``: the head's input
+        [B, N, D], for :func:`dblocks_titan.objectives.masked_nelbo`)."""
         batch, n = tokens.shape
         if positions is None:
             positions = torch.arange(n, device=tokens.device).expand(batch, n)
         c = self.conditioning(t.float())
         x = self.run_block(self.tok_embeddings(tokens), c, block, attention_masks, positions)
+        if skip_lm_head:
+            return self.readout(x, c, skip_lm_head=True)
         logits = self.readout(x, c).float()
         return subs(logits, tokens, self.mask_id)
 
