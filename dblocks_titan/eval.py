@@ -43,7 +43,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -52,10 +51,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dblocks_titan  # noqa: F401  (applies the compat patches before titan is imported)
-from torchtitan.components.checkpoint import DATALOADER, LR_SCHEDULER, OPTIMIZER, TRAIN_STATE
+from torchtitan.components.checkpoint import DATALOADER, LR_SCHEDULER, OPTIMIZER
 from torchtitan.tools.logging import init_logger
 
 from dblocks_titan.ar_eval import generate_continuations, heldout_windows, reference_scores, sigma_ce
+from dblocks_titan.checkpoints import check_weights, checkpoint_dir
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve, sample_metrics
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
@@ -153,56 +153,6 @@ def check_options(opts: EvalOptions, seq_len: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: found and checked against the model before anything is built
 # --------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(dump_folder: str, folder: str, step: int, *,
-                   flags: tuple[str, str] = ("--job.dump_folder", "--checkpoint.load_step")) -> str:
-    """The ``step-N`` folder titan's checkpointer loads (``step``, or the latest when −1); a one-line
-    error naming the dump-folder or step flag when there is none."""
-    root = os.path.join(dump_folder, folder)
-    steps = sorted(
-        int(m.group(1)) for d in (os.listdir(root) if os.path.isdir(root) else [])
-        if (m := re.fullmatch(r"step-(\d+)", d)) and os.path.isfile(os.path.join(root, d, ".metadata"))
-    )
-    if not steps:
-        raise InputError(
-            f"no checkpoint under {root}: train the config with [checkpoint] enable = true first, "
-            f"or point {flags[0]} at the run's dump folder"
-        )
-    if step != -1 and step not in steps:
-        raise InputError(f"{flags[1]} {step} not in {root} (it has steps {', '.join(map(str, steps))})")
-    return os.path.join(root, f"step-{steps[-1] if step == -1 else step}")
-
-
-def check_weights(config, step_dir: str) -> None:
-    """The checkpoint holds exactly the weights of the config's model, at its shapes, and (for a
-    DiffusionBlocks run) was trained with the config's ``dblocks.num_blocks``."""
-    spec = config.model_spec
-    what = f"model {spec.name!r} flavor {spec.flavor!r}"
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in spec.model.build().state_dict().items()}
-    metadata = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
-    saved = {k: tuple(v.size) for k, v in metadata.items()
-             if k.split(".")[0] not in (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE)}
-    for missing, holder, lacker in ((expected.keys() - saved.keys(), what, "the checkpoint"),
-                                    (saved.keys() - expected.keys(), "the checkpoint", what)):
-        if missing:
-            raise InputError(f"{step_dir} is not a checkpoint of {what}: {holder} has {min(missing)!r} "
-                             f"({len(missing)} such weights) that {lacker} lacks; use the config it was trained with")
-    for key in sorted(expected):
-        if expected[key] != saved[key]:
-            raise InputError(f"{step_dir} does not fit {what}: {key!r} is {list(saved[key])} there but "
-                             f"{list(expected[key])} in the model; use the config it was trained with")
-    dblocks = getattr(config, "dblocks", None)
-    if dblocks is not None and f"{TRAIN_STATE}.num_blocks" in metadata:
-        state = {f"{TRAIN_STATE}.num_blocks": None}
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads, as intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=step_dir, no_dist=True)
-        trained = state[f"{TRAIN_STATE}.num_blocks"]
-        if trained != dblocks.num_blocks:
-            raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {trained} but the config has "
-                             f"{dblocks.num_blocks}: pass --dblocks.num_blocks {trained}")
 
 
 def load_plain_model(model_config, step_dir: str, device):

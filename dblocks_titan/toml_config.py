@@ -195,8 +195,10 @@ class TomlConfigManager(ConfigManager):
 
 
 def check_inputs(config) -> None:
-    """Before any model is built: the tokenizer loads and fits the model's vocabulary, and every
-    dataset the run will read exists."""
+    """Before any model is built: the tokenizer loads and fits the model's vocabulary, every dataset
+    the run will read exists, and a checkpoint it will resume from fits its model."""
+    from dblocks_titan.checkpoints import check_resume  # it raises this module's InputError
+
     try:
         if isinstance(config.tokenizer, HuggingFaceTokenizer.Config):
             if not (Path(config.hf_assets_path) / "tokenizer.json").is_file():
@@ -227,5 +229,6 @@ def check_inputs(config) -> None:
                 loader.check()
             elif isinstance(loader, HuggingFaceTextDataLoader.Config):
                 check_dataset(loader.dataset, loader.dataset_path)
+        check_resume(config)
     except (OSError, ValueError, ImportError) as e:
         raise InputError(str(e)) from None

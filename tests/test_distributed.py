@@ -122,16 +122,27 @@ def test_two_rank_resume_reproduces_the_uninterrupted_loss_trace(tmp_path):
         assert [x["step"] for x in trace(resumed, r)] == [6, 7, 8, 9, 10]
 
 
-def test_resuming_with_other_num_blocks_is_a_clear_error(tmp_path):
-    args = [PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
-            "--checkpoint.enable", "--validator.no-enable", "--dump_folder", str(tmp_path)]
-    run([*args, "--training.steps", "2"])
-    proc = subprocess.run([*args, "--training.steps", "4", "--dblocks.num_blocks", "2"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("first, then, error", [
+    ("debug_dblocks", ["--dblocks.num_blocks", "2"],
+     "step-2 was trained with dblocks.num_blocks = 4 but the config has 2: pass --dblocks.num_blocks 4"),
+    ("debug_llama_baseline", [],
+     "step-2 is not a checkpoint of model 'dblocks_llama' flavor 'debugmodel': model 'dblocks_llama' flavor "
+     "'debugmodel' has 'final_adaln.bias'"),
+], ids=["other_num_blocks", "titan_twin_checkpoint"])
+def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path, first, then, error):
+    """A DiffusionBlocks run whose dump folder holds a checkpoint of another B, or of its titan twin,
+    stops before anything is built, with one line, and leaves the checkpoint as it was."""
+    common = ["--checkpoint.enable", "--validator.no-enable", "--dump_folder", str(tmp_path)]
+    run([PY, "-m", "dblocks_titan.train", "--job.config_file", f"train_configs/{first}.toml", "--training.steps", "2",
+         *common])
+    proc = subprocess.run([PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
+                           "--training.steps", "4", *common, *then], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode != 0
-    assert ("ValueError: the checkpoint was trained with dblocks.num_blocks = 4 but this run has 2: resume with the "
-            "same blocks, or start in a new --dump_folder") in proc.stderr
-    assert (tmp_path / "checkpoint" / "step-2").is_dir()  # the checkpoint is left as it was
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dblocks_titan: error: ") and error in last, proc.stderr[-3000:]
+    assert "Building" not in proc.stdout + proc.stderr  # nothing was built
+    assert (tmp_path / "checkpoint" / "step-2" / ".metadata").is_file()  # the checkpoint is left as it was
 
 
 @pytest.mark.parametrize("mesh", [["--parallelism.data_parallel_shard_degree", "8",
