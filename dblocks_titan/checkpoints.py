@@ -73,19 +73,17 @@ def check_weights(config, step_dir: str) -> None:
             raise InputError(f"{step_dir} does not fit {what}: {key!r} is {list(saved[key])} there but "
                              f"{list(expected[key])} in the model; use the config it was trained with")
     dblocks = getattr(config, "dblocks", None)
-    model_only = os.path.basename(os.path.normpath(step_dir)) == "step-0"  # a seed checkpoint
-    if dblocks is not None and not model_only and f"{TRAIN_STATE}.num_blocks" not in metadata:
+    if dblocks is None or os.path.basename(os.path.normpath(step_dir)) == "step-0":  # step-0: a model-only seed
+        return
+    key = f"{TRAIN_STATE}.num_blocks"
+    if key not in metadata:
         raise InputError(f"{step_dir} was not written by a DiffusionBlocks run of this version (it has no "
-                         f"{TRAIN_STATE}.num_blocks): resume it with the config and version that wrote it, "
-                         "or start in a new --dump_folder")
-    if dblocks is not None and f"{TRAIN_STATE}.num_blocks" in metadata:
-        state = {f"{TRAIN_STATE}.num_blocks": None}
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads, as intended
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=step_dir, no_dist=True)
-        trained = state[f"{TRAIN_STATE}.num_blocks"]
-        if trained != dblocks.num_blocks:
-            raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {trained} but the config has "
-                             f"{dblocks.num_blocks}: pass --dblocks.num_blocks {trained}")
-
-
+                         f"{key}): resume it with the config and version that wrote it, or start in a new "
+                         "--dump_folder")
+    state = {key: None}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=step_dir, no_dist=True)
+    if state[key] != dblocks.num_blocks:
+        raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {state[key]} but the config has "
+                         f"{dblocks.num_blocks}: pass --dblocks.num_blocks {state[key]}")

@@ -151,7 +151,7 @@ def check_options(opts: EvalOptions, seq_len: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: found and checked against the model before anything is built
+# An unsharded copy of a checkpoint's model
 # --------------------------------------------------------------------------------------------
 
 
@@ -319,7 +319,7 @@ def evaluate(config, opts: EvalOptions | None = None) -> dict:
         config.dblocks.parallel = "sequential"  # a block-parallel run is evaluated with every block
     config.validator.enable = True
     step_dir = checkpoint_dir(config.dump_folder, config.checkpoint.folder, config.checkpoint.load_step)
-    check_weights(config, step_dir)
+    # check_inputs (prepare_ar's for AR, the trainer's otherwise) checks it fits the model, before the build
     plan = prepare_ar(config, opts) if ar else None
     trainer = config.build()
     trainer.metrics_processor.logger = getattr(trainer.metrics_processor.logger, "inner", trainer.metrics_processor.logger)

@@ -274,9 +274,9 @@ class DBStep(Step):
         self.num_blocks = cfg.num_blocks
         self.active_layers = len(cfg.layers) // cfg.num_blocks
         self.objective = build_objective(cfg, DBlocksConfig(num_blocks=cfg.num_blocks, gamma=gamma))
-        self.positions_per_token = 1 if hasattr(cfg, "mask_id") else 2  # AR: [clean | noisy]
-        if hasattr(cfg, "mask_id"):
-            self.head_positions_per_token = mdlm.HEAD_POSITIONS_PER_TOKEN
+        masked = hasattr(cfg, "mask_id")
+        self.positions_per_token = 1 if masked else 2  # AR: [clean | noisy]
+        self.head_positions_per_token = mdlm.HEAD_POSITIONS_PER_TOKEN if masked else 1.0
         self.seed = seed
         self._calls = 0
         self.gvt = torch.tensor(labels.numel(), device=labels.device)

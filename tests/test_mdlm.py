@@ -13,7 +13,7 @@ from dblocks_titan.diffusion import block_t_range, t_to_block, widened_t_range
 from dblocks_titan.models import mdlm
 from dblocks_titan.nelbo import nelbo_per_range
 from dblocks_titan import objectives
-from dblocks_titan.objectives import logit_chunks, masked_corrupt, masked_nelbo
+from dblocks_titan.objectives import absorb, logit_chunks, masked_corrupt, masked_nelbo
 from dblocks_titan.sampling import mdlm_sample
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml
 
@@ -65,10 +65,7 @@ def test_masked_only_chunked_nelbo_equals_the_nelbo_of_the_full_subs_logits(t, c
     monkeypatch.setattr(objectives, "LOGIT_CHUNK_BYTES", chunk_bytes)
     model = randomize(build(2))
     x = torch.randint(0, 27, (3, 37))
-    c = masked_corrupt(x, block=0, num_blocks=1, gamma=0.0, mask_id=MASK_ID, generator=torch.Generator().manual_seed(0))
-    c.t.fill_(t)
-    masked = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < t
-    c.masked, c.x_t = masked, torch.where(masked, MASK_ID, x)
+    c = absorb(x, torch.full((3,), t), mask_id=MASK_ID, generator=torch.Generator().manual_seed(1))
     gvt = torch.tensor(200)
 
     hidden = model(c.x_t, t=c.t, block=1, skip_lm_head=True)
