@@ -5,6 +5,9 @@
    ``inference_sigmas(N)``, each level run by the block that owns it, and CE per block with σ drawn
    inside each block's own range. Only CE at σ_max is comparable with an AR baseline (METHOD.md §6);
    the low-σ levels measure copy-through of a nearly clean target and are easy.
+   The sampler CE (:func:`sampler_log_probs`, :func:`mixture_ce`): the likelihood of what the sampler
+   draws, teacher-forced, the DB number that compares one-for-one with a baseline's CE.
+   :class:`ARValidator` logs CE at σ_max and the sampler CE during training.
 2. Continuations of held-out prompts (:func:`heldout_windows`, :func:`generate_continuations`).
 3. Their scores under a reference LM (:func:`reference_scores`): summed NLL for the generative
    perplexity and mean-pooled final hidden states as MAUVE features.
@@ -12,16 +15,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.components.validate import Validator
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
 
 from dblocks_titan import sampling
+from dblocks_titan.data.datasets import dataset_files_key, dataset_texts
 from dblocks_titan.diffusion import inference_sigmas, sample_sigma, sigma_to_block
+from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.text_metrics import unigram_log_probs
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +114,264 @@ def sigma_ce(model, batches, *, num_levels: int, seed: int) -> dict:
         "ce_per_level": (levels / count).tolist(),
         "ce_per_block": (blocks / count).tolist(),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler CE: the likelihood of what the sampler draws
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampler_log_probs(
+    model: DBlocksLlama, tokens, labels, positions, *, samples: int, generator: torch.Generator,
+    chain: sampling.Chain = sampling.Chain(),
+) -> torch.Tensor:
+    """``log p_s(label)`` [S, B, N] (fp32) of S independent sampler chains, teacher-forced.
+
+    Every position runs the full chain at once (noisy slot i sees only the true clean prefix ≤ i and
+    itself): from ``z ~ N(0, (1 + σ_max²)I)`` [B, N, D], :func:`~dblocks_titan.sampling.run_chain` over
+    the chain's levels, each level one block pass over the ``[clean | noisy]`` layout; p_s is the softmax
+    of the last level's logits — the distribution the sampler draws the token from at temperature 1.
+    Plain or FSDP-wrapped models (every rank calls it then).
+    """
+    table = sampling.target_table(model)
+    sigmas, blocks = chain.levels(model)
+    batch, device = tokens.shape[0], tokens.device
+
+    def denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
+        return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
+
+    out = []
+    for _ in range(samples):
+        z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
+        logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain).float()
+        out.append(logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0])
+    return torch.stack(out)
+
+
+def mixture_ce(log_probs: torch.Tensor, valid: torch.Tensor, samples: int) -> torch.Tensor:
+    """``Σ_tokens −log((1/S)·Σ_{s<S} p_s(x))`` (fp64) of the first S = ``samples`` chains of
+    ``log_probs`` [S', B, N]; ``valid`` [B, N] masks ignored labels. An upper bound of the sampler's CE
+    in expectation, tightening as S grows (Jensen)."""
+    mixed = torch.logsumexp(log_probs[:samples].double(), dim=0) - math.log(samples)
+    return -(mixed * valid).sum()
+
+
+def _batch_tensors(batch, device):
+    input_dict, labels = batch
+    return input_dict["input"].to(device), input_dict["positions"].to(device), labels.to(device)
+
+
+def _spread(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "each": values}
+
+
+@torch.no_grad()
+def sigma_max_ce(model: DBlocksLlama, batches: list, *, draws: int, seed: int) -> dict:
+    """CE at σ_max (block 0, pure noise z = σ_max·ε, no label information) over ``batches``, for
+    ``draws`` independent ε (a fresh ε per batch within a draw): ``{"mean", "std", "each"}`` over the draws."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    values = []
+    for _ in range(draws):
+        total, count = 0.0, 0
+        for batch in batches:
+            tokens, positions, labels = _batch_tensors(batch, device)
+            noise = torch.randn(*tokens.shape, model.config.dim, generator=generator, device=device)
+            logits = model(tokens, positions, noise=noise)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+        values.append(total / count)
+    return _spread(values)
+
+
+@torch.no_grad()
+def sampler_ce(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seeds=(0, 1),
+               chain: sampling.Chain = sampling.Chain()) -> dict:
+    """Sampler CE over ``batches`` for each S of ``samples`` (nested: CE_S uses the first S of
+    max(samples) chains), once per seed: ``{"S=k": {"mean", "std", "each"}}`` over the seeds, and
+    ``"chain_ce"``: the spread of single-chain CE over all max(samples)·len(seeds) chains."""
+    device = next(model.parameters()).device
+    top = max(samples)
+    per_seed = {k: [] for k in samples}
+    single = []
+    for seed in seeds:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sums = torch.zeros(len(samples), dtype=torch.float64)
+        chains = torch.zeros(top, dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            tokens, positions, labels = _batch_tensors(batch, device)
+            valid = labels != IGNORE_INDEX
+            log_probs = sampler_log_probs(model, tokens, labels, positions, samples=top, generator=generator,
+                                          chain=chain)
+            for i, k in enumerate(samples):
+                sums[i] += mixture_ce(log_probs, valid, k).cpu()
+            chains += -(log_probs.double() * valid).sum((1, 2)).cpu()
+            count += int(valid.sum())
+        for i, k in enumerate(samples):
+            per_seed[k].append(float(sums[i]) / count)
+        single += (chains / count).tolist()
+    return {**{f"S={k}": _spread(v) for k, v in per_seed.items()}, "chain_ce": _spread(single)}
+
+
+@torch.no_grad()
+def block_sigma_ce(model: DBlocksLlama, batches: list, *, sigmas: list[float], seed: int) -> list[list[float]]:
+    """CE [B][len(sigmas)] of every block at every σ (all samples at that σ, z = y + σ·ε, the same ε
+    per batch for every block and σ): where each block is good, also outside its own range."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums = torch.zeros(model.num_blocks, len(sigmas), dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        tokens, positions, labels = _batch_tensors(batch, device)
+        noise = torch.randn(*tokens.shape, model.config.dim, generator=generator, device=device)
+        for b in range(model.num_blocks):
+            for j, s in enumerate(sigmas):
+                sigma = torch.full((tokens.shape[0],), s, device=device)
+                sums[b, j] += _ce_sum(model, tokens, labels, positions, sigma=sigma, noise=noise, block=b).cpu()
+        count += int((labels != IGNORE_INDEX).sum())
+    return (sums / count).tolist()
+
+
+def unigram_model(dataset: str, path: str | None, tokenizer, max_tokens: int) -> torch.Tensor:
+    """log p [V] of the add-one unigram model (:func:`unigram_log_probs`) of the first ``max_tokens``
+    labels of ``dataset`` (a registered training split), encoded as titan's loaders encode it.
+
+    Tokenising a corpus takes a while (a minute for the embedded 6M characters on 2 cores), so the
+    model is cached in ``$DBLOCKS_CACHE`` (default ``~/.cache/dblocks_titan``), keyed by the data files
+    (path, size/mtime), the tokenizer (vocabulary size and the ids of a probe text) and ``max_tokens``."""
+    texts = dataset_texts(dataset, path)
+    first = next(texts, "")
+    key = json.dumps([dataset, dataset_files_key(dataset, path), tokenizer.get_vocab_size(),
+                      tokenizer.encode(first[:20_000]), max_tokens])
+    cache = Path(os.environ.get("DBLOCKS_CACHE", Path.home() / ".cache/dblocks_titan"))
+    file = cache / f"unigram-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+    if file.is_file():
+        return torch.load(file)
+    documents, have = [], 0
+    for text in itertools.chain([first], texts):
+        documents.append(tokenizer.encode(text, add_bos=True, add_eos=True))
+        have += len(documents[-1]) - 1
+        if have >= max_tokens:
+            break
+    log_probs = unigram_log_probs(documents, tokenizer.get_vocab_size())
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(log_probs, tmp)
+    os.replace(tmp, file)  # atomic: concurrent runs never read half a file
+    return log_probs
+
+
+def unigram_ce(log_probs: torch.Tensor, batches: list) -> float:
+    """CE of the unigram model ``log_probs`` [V] on the labels of ``batches``."""
+    total, count = 0.0, 0
+    for _, labels in batches:
+        valid = labels != IGNORE_INDEX
+        total -= float(log_probs[labels.clamp_min(0)][valid].sum())
+        count += int(valid.sum())
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------
+# Validation during training
+# --------------------------------------------------------------------------------------------
+
+
+class ARValidator(Validator):
+    """titan Validator for the AR pair, on the first ``steps`` held-out batches (the same ones at every
+    validation). Logged (``validation_metrics/*``) and printed beside each other:
+
+    - ``loss``: for a DiffusionBlocks model the CE at σ_max — block 0 predicting the next token from
+      pure noise z = σ_max·ε, with a fresh ε per batch from a generator seeded by ``seed`` (+ the data
+      rank) at every validation, so validations are comparable and no batch reuses another's draw; for
+      titan's baseline its plain next-token CE (titan's own computation);
+    - ``sampler_ce``: DiffusionBlocks only, ``sampler_samples`` = S > 0: CE_S of the default sampler
+      (:func:`sampler_log_probs`, :func:`mixture_ce`; N = B levels, q grid, soft bridge, Euler);
+    - ``unigram_ce``: an add-one unigram model of the training split (``unigram_dataset``, default the
+      validation dataset's name without ``_validation``; its first ``unigram_tokens`` labels) scored on
+      the same batches: the trivial baseline every CE stands beside.
+    """
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Validator.Config):
+        seed: int = 1234
+        """Seed of the noise (CE at σ_max, sampler chains)."""
+        sampler_samples: int = 4
+        """S chains per position for the sampler CE (0: off)."""
+        unigram_tokens: int = 5_000_000
+        """Training-split labels counted for the unigram CE (0: no unigram CE)."""
+        unigram_dataset: str = ""
+        """Training split of the unigram model ("": the validation dataset's name without _validation)."""
+
+    def __init__(self, config: Config, **kwargs):
+        super().__init__(config, **kwargs)
+        self._unigram: torch.Tensor | None = None
+
+    def unigram(self) -> torch.Tensor | None:
+        """log p [V] of the unigram model (built once), or None when ``unigram_tokens`` is 0."""
+        cfg = self.config
+        if cfg.unigram_tokens and self._unigram is None:
+            loader = cfg.dataloader
+            name = cfg.unigram_dataset or loader.dataset.removesuffix("_validation")
+            self._unigram = unigram_model(name, loader.dataset_path, self.tokenizer, cfg.unigram_tokens)
+        return self._unigram
+
+    @torch.no_grad()
+    def validate(self, model_parts, step: int) -> None:
+        model = model_parts[0]
+        dblocks = isinstance(model, DBlocksLlama)
+        if not dblocks:  # titan's baseline: titan's own CE, then the unigram line
+            super().validate(model_parts, step)
+        model.eval()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.config.seed + self.dp_rank)
+        loader = self.dl_config.build(dp_world_size=self.dp_world_size, dp_rank=self.dp_rank,
+                                      tokenizer=self.tokenizer, seq_len=self.seq_len,
+                                      local_batch_size=self.local_batch_size)
+        unigram = self.unigram()
+        samples = self.config.sampler_samples if dblocks else 0
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # CE at σ_max, sampler CE, unigram CE, tokens
+        with self.validation_context():
+            for i, (input_dict, labels) in enumerate(loader):
+                if i == self.config.steps:
+                    break
+                tokens, positions, labels = input_dict["input"].to(device), input_dict["positions"].to(device), labels.to(device)
+                valid = labels != IGNORE_INDEX
+                if dblocks:
+                    noise = torch.randn(*tokens.shape, model.config.dim, generator=generator, device=device)
+                    logits = model(tokens, positions, noise=noise)
+                    sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="sum").double()
+                if samples:
+                    log_probs = sampler_log_probs(model, tokens, labels, positions, samples=samples, generator=generator)
+                    sums[1] += mixture_ce(log_probs, valid, samples)
+                if unigram is not None:
+                    sums[2] += -unigram.to(device)[labels.clamp_min(0)][valid].sum()
+                sums[3] += valid.sum()
+        if self.parallel_dims.dp_enabled:
+            sums = dist_utils.dist_sum_tensor(sums, self.parallel_dims.get_mesh("batch"))
+        ce, sampler_ce, unigram_ce = (sums[:3] / sums[3]).tolist()
+        extra = {}
+        if unigram is not None:
+            extra["validation_metrics/unigram_ce"] = unigram_ce
+        if samples:
+            extra["validation_metrics/sampler_ce"] = sampler_ce
+        if dblocks:
+            extra["validation_metrics/ce_sigma_max"] = ce
+            self.metrics_processor.log_validation(loss=ce, step=step, extra_metrics=extra)
+        elif extra:
+            self.metrics_processor.logger.log(extra, step)
+        words = [f"CE at σ_max {ce:.4f}" if dblocks else "CE: the loss above"]
+        if samples:
+            words.append(f"sampler CE (S={samples}) {sampler_ce:.4f}")
+        if unigram is not None:
+            words.append(f"unigram CE {unigram_ce:.4f}")
+        logger.info(f"validate step: {step:2}  " + "  ".join(words) + f"  ({int(sums[3])} held-out tokens)")
+        model.train()
 
 
 # --------------------------------------------------------------------------------------------

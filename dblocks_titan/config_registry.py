@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torchtitan.components.checkpoint import CheckpointManager
@@ -18,7 +19,6 @@ from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
 from torchtitan.components.quantization import Float8LinearConverter
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
-from torchtitan.components.validate import Validator
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
@@ -26,9 +26,11 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
+from dblocks_titan.ar_eval import ARValidator
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
 from dblocks_titan.metrics import JsonlMetricsProcessor
 from dblocks_titan.models import dblocks_llama, mdlm
+from dblocks_titan.models.block_denoiser import Conditioning
 from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
 from dblocks_titan.trainer import DBlocksConfig, DBlocksTrainer
@@ -40,28 +42,52 @@ MASKED_MODELS = ("dblocks_mdlm", "mdlm")
 
 
 FLOAT8 = ("none", "rowwise", "emulate")
+CONDITIONING_KEYS = tuple(f.name for f in dataclasses.fields(Conditioning))
+SLOT_KEYS = tuple(f.name for f in dataclasses.fields(dblocks_llama.NoisySlot))
+ARCH_KEYS = CONDITIONING_KEYS + SLOT_KEYS
+"""``[model]`` keys that shape a DiffusionBlocks model (:class:`Conditioning`; AR also :class:`NoisySlot`)."""
+
+
+def _architecture(name: str, options: dict) -> dict:
+    """``options`` (``[model]`` keys of :data:`ARCH_KEYS`) as the model builders' keyword arguments."""
+    allowed = {"dblocks_llama": ARCH_KEYS, "llama3": ()}.get(name, CONDITIONING_KEYS)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"[model] {key} does not apply to model {name!r}"
+                             + (f" (its keys: {', '.join(allowed)})" if allowed else ""))
+    kwargs = {}
+    if name != "llama3":
+        kwargs["conditioning"] = Conditioning(**{k: v for k, v in options.items() if k in CONDITIONING_KEYS})
+    if name == "dblocks_llama":
+        kwargs["slot"] = dblocks_llama.NoisySlot(**{k: v for k, v in options.items() if k in SLOT_KEYS})
+    return kwargs
 
 
 def model_registry(
-    name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, float8: str = "none",
-    compile: bool = False,
+    name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, n_layers: int | None = None,
+    float8: str = "none", compile: bool = False, **options,
 ) -> ModelSpec:
     """AR: ``dblocks_llama`` and its titan twin ``llama3``. Masked diffusion: ``dblocks_mdlm`` and
     its end-to-end baseline ``mdlm`` (always bidirectional SDPA: ``attn_backend`` is not used).
+    ``vocab_size`` / ``n_layers`` override the flavor's; ``options``: the :data:`ARCH_KEYS` that shape
+    the DiffusionBlocks models' conditioning and noisy slot.
 
     ``float8``: titan's ``Float8LinearConverter`` swaps every eligible Linear (both dims divisible by
     16; the head excluded, as in titan's recipes) for torchao's Float8Linear: ``rowwise`` (H100-class
     GPUs) or ``emulate`` (any device, eager only: for tests). ``compile`` tells it whether the
     layers will be compiled.
     """
-    if name == "dblocks_llama":
-        model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
-    elif name == "llama3":
-        model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
-    elif name in MASKED_MODELS:
-        model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size)
-    else:
+    if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
+    arch = _architecture(name, options)
+    if name == "dblocks_llama":
+        model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
+                                            n_layers=n_layers, **arch)
+    elif name == "llama3":
+        model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
+                                              n_layers=n_layers)
+    else:
+        model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size, n_layers=n_layers, **arch)
     if float8 not in FLOAT8:
         raise ValueError(f"[model] float8 must be one of {FLOAT8}, got {float8!r}.")
     if float8 != "none":
@@ -96,7 +122,7 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
         lr_scheduler=LRSchedulersContainer.Config(warmup_steps=20, decay_ratio=0.8, decay_type="cosine", min_lr_factor=0.1),
         training=TrainingConfig(local_batch_size=8, seq_len=128, steps=200, disable_cuda_graphs=True),
         dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare"),
-        validator=Validator.Config(
+        validator=ARValidator.Config(
             enable=True, freq=50, steps=1,
             dataloader=HuggingFaceTextDataLoader.Config(dataset="shakespeare_validation", infinite=False),
         ),

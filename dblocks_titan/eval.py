@@ -11,10 +11,15 @@ AR models (``dblocks_llama`` and its titan twin ``llama3``) then, on rank 0, wit
 of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
 
 1. ``ce``, ``perplexity``: the validator's CE and exp(CE). For DiffusionBlocks it is CE at σ_max
-   through block 0, the number comparable with the baseline's CE (METHOD.md §6).
+   through block 0, the number comparable with the baseline's CE (METHOD.md §6). ``unigram_ce``: the
+   validator's unigram model on the same batches (the trivial baseline beside every CE).
 2. DiffusionBlocks only, on the validator's first ``--validator.steps`` batches with seeded noise:
    ``ce_per_level`` at ``sigma_levels`` = ``inference_sigmas(N)`` (N = ``--eval.num_levels``, default
-   B), level j run by block ``level_blocks[j]``; ``ce_per_block``: block b at σ drawn in its own range.
+   B), level j run by block ``level_blocks[j]``; ``ce_per_block``: block b at σ drawn in its own range;
+   ``ce_sigma_max``: CE at σ_max over ``--eval.ce_draws`` noise draws (mean, std, each);
+   ``sampler_ce``: ``S=k`` = −log mean_s p_s(x) of k sampler chains (``--eval.sampler_samples``; two
+   seeds: mean, std), teacher-forced, the sampler of ``--eval.{num_levels,grid,bridge,solver,...}`` —
+   the DiffusionBlocks number that compares one-for-one with the baseline's CE.
 3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
    ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
    continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
@@ -54,9 +59,19 @@ import dblocks_titan  # noqa: F401  (applies the compat patches before titan is 
 from torchtitan.components.checkpoint import DATALOADER, LR_SCHEDULER, OPTIMIZER
 from torchtitan.tools.logging import init_logger
 
-from dblocks_titan.ar_eval import generate_continuations, heldout_windows, reference_scores, sigma_ce
+from dblocks_titan.ar_eval import (
+    generate_continuations,
+    heldout_windows,
+    reference_scores,
+    sampler_ce,
+    sigma_ce,
+    sigma_max_ce,
+    unigram_ce,
+)
 from dblocks_titan.checkpoints import check_weights, checkpoint_dir
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.diffusion import GRIDS
+from dblocks_titan.sampling import BRIDGES, Chain, SOLVERS
 from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve, sample_metrics
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
 from dblocks_titan.train import _single_process_env
@@ -64,7 +79,8 @@ from dblocks_titan.train import _single_process_env
 AR_MODELS = ("dblocks_llama", "llama3")
 PROBE_TEXT = "The quick brown fox, 1234 jumps over the lazy dog!"  # tokenizer identity check
 NUM_EXAMPLES = 3  # decoded samples kept in the JSON
-DB_ONLY = ("bridge", "num_levels")  # --eval.* options of the DiffusionBlocks sampler
+DB_ONLY = ("bridge", "num_levels", "grid", "solver", "bridge_temperature", "sampler_samples", "ce_draws")
+"""--eval.* options of the DiffusionBlocks sampler and scores."""
 
 
 def _flag(default, help: str):
@@ -83,7 +99,12 @@ class EvalOptions:
     temperature: float = _flag(1.0, "sampling temperature (0 = argmax)")
     top_p: float = _flag(1.0, "nucleus mass (1 = the full distribution)")
     bridge: str = _flag("soft", "DiffusionBlocks sampler's x0 estimate: soft (the authors') | hard")
+    bridge_temperature: float = _flag(1.0, "temperature of the soft bridge's softmax")
     num_levels: int = _flag(0, "σ levels of the CE-per-level grid and of the DiffusionBlocks sampler (0 = num_blocks)")
+    grid: str = _flag("q", "σ grid of the DiffusionBlocks sampler: q (uniform in the training mass) | karras (ρ = 7)")
+    solver: str = _flag("euler", "DiffusionBlocks sampler's ODE step: euler | heun")
+    sampler_samples: str = _flag("1,4,16", "S of the sampler CE −log mean_s p_s(x) (comma-separated; two seeds each)")
+    ce_draws: int = _flag(5, "noise draws of the CE at σ_max (mean and std reported)")
     seed: int = _flag(0, "seed of the evaluation noise, the σ draws and the sampling")
     reference_config: str | None = _flag(None, "TOML of a titan llama3 baseline run that scores the samples "
                                                "(gen-ppl, MAUVE features)")
@@ -95,6 +116,9 @@ class EvalOptions:
                                               "gpt2-large (needs transformers and its weights)")
 
 
+CHOICES = {"bridge": BRIDGES, "grid": GRIDS, "solver": SOLVERS}
+
+
 def eval_flag_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dblocks_titan.eval", add_help=False, allow_abbrev=False,
                                      description="Evaluation flags (AR models); every other flag goes to titan.")
@@ -102,7 +126,7 @@ def eval_flag_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--eval.{f.name}", dest=f.name, type=str if f.default is None else type(f.default), default=f.default,
             metavar=f.name.upper(), help=f"{f.metadata['help']} (default: %(default)s)",
-            **({"choices": ("soft", "hard")} if f.name == "bridge" else {}),
+            **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}),
         )
     return parser
 
@@ -121,7 +145,7 @@ def resolve_options(config, opts: EvalOptions) -> EvalOptions:
     """``num_levels`` 0 → the run's num_blocks; the DiffusionBlocks-only options refused for the baseline."""
     if config.model_spec.name == "llama3":
         if any(getattr(opts, k) != getattr(EvalOptions(), k) for k in DB_ONLY):
-            raise InputError("--eval.bridge and --eval.num_levels apply to DiffusionBlocks models; the titan "
+            raise InputError(f"--eval.{{{','.join(DB_ONLY)}}} apply to DiffusionBlocks models; the titan "
                              "baseline samples each next token directly")
         return opts
     return replace(opts, num_levels=opts.num_levels or config.dblocks.num_blocks)
@@ -148,6 +172,11 @@ def check_options(opts: EvalOptions, seq_len: int) -> None:
         raise InputError("need --eval.temperature >= 0, 0 < --eval.top_p <= 1 and --eval.num_levels >= 0")
     if opts.mauve_buckets != "auto" and not opts.mauve_buckets.isdigit():
         raise InputError(f"--eval.mauve_buckets must be an integer or auto, got {opts.mauve_buckets!r}")
+    if not all(k.isdigit() and int(k) > 0 for k in opts.sampler_samples.split(",")):
+        raise InputError(f"--eval.sampler_samples must be positive integers separated by commas, got "
+                         f"{opts.sampler_samples!r}")
+    if opts.ce_draws < 1 or not opts.bridge_temperature > 0:
+        raise InputError("need --eval.ce_draws >= 1 and --eval.bridge_temperature > 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +266,7 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
     prompts, truth = plan.windows[:, : opts.prompt_len], plan.windows[:, opts.prompt_len :]
     sampler = dict(temperature=opts.temperature, top_p=opts.top_p)
     if isinstance(model, DBlocksLlama):
-        sampler.update(bridge=opts.bridge, num_levels=opts.num_levels)
+        sampler.update(chain=chain(opts))
     samples = generate_continuations(
         model, prompts.to(device), continuations=opts.continuations, new_tokens=opts.new_tokens,
         batch_size=opts.batch_size, generator=torch.Generator(device=device).manual_seed(opts.seed), **sampler,
@@ -271,14 +300,26 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
     return out
 
 
+def chain(opts: EvalOptions) -> Chain:
+    """The DiffusionBlocks sampler's chain of the options."""
+    return Chain(num_levels=opts.num_levels, grid=opts.grid, bridge=opts.bridge,
+                 bridge_temperature=opts.bridge_temperature, solver=opts.solver)
+
+
 def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: EvalOptions) -> dict:
     """Items 1–4 of the module docstring, on an unsharded copy of the checkpoint's model."""
     model = load_plain_model(trainer.model_config, step_dir, trainer.device)
     out = {"ce": ce, "perplexity": math.exp(ce)}
+    steps = config.validator.steps
+    batches = list(itertools.islice(heldout_batches(config, trainer.tokenizer), None if steps == -1 else steps))
+    unigram = trainer.validator.unigram()
+    if unigram is not None:
+        out["unigram_ce"] = unigram_ce(unigram, batches)
     if isinstance(model, DBlocksLlama):
-        steps = config.validator.steps
-        batches = itertools.islice(heldout_batches(config, trainer.tokenizer), None if steps == -1 else steps)
         out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))
+        out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
+        out["sampler_ce"] = sampler_ce(model, batches, samples=[int(k) for k in opts.sampler_samples.split(",")],
+                                       seeds=(opts.seed, opts.seed + 1), chain=chain(opts))
     if opts.prompts:
         out.update(generation_metrics(model, plan, opts, trainer.tokenizer))
     out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DBlocksLlama) or k not in DB_ONLY}

@@ -3,32 +3,71 @@ sampling of the end-to-end baseline, and ancestral unmasking for masked diffusio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from torchtitan.models.common import ScaledDotProductAttention
 
-from dblocks_titan.diffusion import inference_sigmas, sigma_to_block, t_to_block
+from dblocks_titan.diffusion import GRIDS, Grid, inference_sigmas, sigma_to_block, t_to_block
 from dblocks_titan.models.block_denoiser import KVCache
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 
 Bridge = Literal["soft", "hard"]
 BRIDGES: tuple[str, ...] = get_args(Bridge)
+Solver = Literal["euler", "heun"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """How the AR sampler walks down the σ grid for one noisy slot (METHOD.md §6).
+
+    ``num_levels`` N (None: the model's B) levels of the ``grid`` (``q`` | ``karras`` with ``rho``,
+    :func:`~dblocks_titan.diffusion.inference_sigmas`), each run by the block owning its σ; the
+    ``bridge`` (``soft`` softmax(logits/``bridge_temperature``)·Ê, ``hard`` Ê[argmax]) gives x̂0;
+    ``solver``: ``euler`` or ``heun`` (EDM's second-order step, twice the block calls).
+    """
+
+    num_levels: int | None = None
+    grid: Grid = "q"
+    rho: float = 7.0
+    bridge: Bridge = "soft"
+    bridge_temperature: float = 1.0
+    solver: Solver = "euler"
+
+    def __post_init__(self):
+        for key, allowed in (("grid", GRIDS), ("bridge", BRIDGES), ("solver", SOLVERS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}.")
+        if self.num_levels is not None and self.num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}.")
+        if not self.bridge_temperature > 0:
+            raise ValueError(f"bridge_temperature must be > 0, got {self.bridge_temperature}.")
+
+    def levels(self, model: DBlocksLlama) -> tuple[list[float], list[int]]:
+        """(σ of each level, descending; the block that runs it)."""
+        sigmas = inference_sigmas(self.num_levels or model.num_blocks, model.edm, self.grid, self.rho)
+        return sigmas.tolist(), sigma_to_block(sigmas, model.num_blocks, model.edm).tolist()
 
 
 def target_table(model: DBlocksLlama) -> torch.Tensor:
     """``Ê`` [V, D] (fp32): the L2-normalised rows of the token embedding table, the denoising
-    target y of training (METHOD.md §6)."""
-    return F.normalize(model.tok_embeddings.weight.float(), dim=-1)
+    target y of training (METHOD.md §6). The whole table also from an FSDP-sharded model (all ranks
+    must call it then)."""
+    weight = model.tok_embeddings.weight
+    return F.normalize((weight.full_tensor() if isinstance(weight, DTensor) else weight).float(), dim=-1)
 
 
-def bridge_x0(logits: torch.Tensor, table: torch.Tensor, kind: Bridge) -> torch.Tensor:
-    """Denoised estimate ``x̂0`` [B, D] from logits [B, V]: ``soft`` = softmax(logits)·Ê (the
-    authors' choice), ``hard`` = Ê[argmax logits]."""
+def bridge_x0(logits: torch.Tensor, table: torch.Tensor, kind: Bridge, temperature: float = 1.0) -> torch.Tensor:
+    """Denoised estimate ``x̂0`` [..., D] from logits [..., V]: ``soft`` = softmax(logits/T)·Ê (the
+    authors' choice at T = 1), ``hard`` = Ê[argmax logits]."""
     if kind == "soft":
-        return logits.float().softmax(-1) @ table
+        return (logits.float() / temperature).softmax(-1) @ table
     if kind == "hard":
         return table[logits.argmax(-1)]
     raise ValueError(f"bridge must be one of {BRIDGES}, got {kind!r}.")
@@ -38,6 +77,33 @@ def euler_step(z: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: floa
     """One Euler step of the probability-flow ODE ``dz/dσ = (z − x̂0)/σ`` from σ to σ_next < σ:
     ``z + (σ_next − σ)·(z − x̂0)/σ = x̂0 + (σ_next/σ)·(z − x̂0)``, i.e. z moves toward x̂0."""
     return z + (sigma_next - sigma) * (z - x0) / sigma
+
+
+def run_chain(denoise: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Tensor, sigmas: list[float], *,
+              table: torch.Tensor, chain: Chain) -> torch.Tensor:
+    """Walk the noisy state z [..., D] down the levels σ_0 > … > σ_{N−1} → the logits [..., V] of the last
+    level, which give the token. ``denoise(z, j)``: the logits at level j (σ_j, by its block).
+
+    Euler: ``z ← euler_step(z, x̂0(z, σ_j), σ_j, σ_{j+1})``, i.e. ``z + (σ_{j+1} − σ_j)·d`` with
+    ``d = (z − x̂0)/σ_j``. Heun (EDM Alg. 1): ``z' =`` the Euler step, ``d' = (z' − x̂0(z', σ_{j+1}))/σ_{j+1}``,
+    ``z ← z + (σ_{j+1} − σ_j)·(d + d')/2``. x̂0 is the chain's bridge of the logits.
+    """
+    def x0(z, j):
+        return bridge_x0(denoise(z, j), table, chain.bridge, chain.bridge_temperature)
+
+    for j in range(len(sigmas) - 1):
+        s, s_next = sigmas[j], sigmas[j + 1]
+        x0_j = x0(z, j)
+        z_next = euler_step(z, x0_j, s, s_next)
+        if chain.solver == "heun":
+            z_next = z + (s_next - s) * ((z - x0_j) / s + (z_next - x0(z_next, j + 1)) / s_next) / 2
+        z = z_next
+    return denoise(z, len(sigmas) - 1)
+
+
+def initial_noise(shape, sigma_max: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The sampler's start ``z ~ N(0, (1 + σ_max²)·I)`` (fp32)."""
+    return (1 + sigma_max**2) ** 0.5 * torch.randn(*shape, generator=generator, device=device)
 
 
 def sample_token(
@@ -64,8 +130,7 @@ def dblocks_generate(
     prompts: torch.Tensor,
     *,
     max_new_tokens: int,
-    num_levels: int | None = None,
-    bridge: Bridge = "soft",
+    chain: Chain = Chain(),
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
@@ -75,28 +140,24 @@ def dblocks_generate(
     """Continue prompts [B, P] (P ≥ 1) by ``max_new_tokens`` tokens → [B, P + max_new_tokens].
 
     Per new token (METHOD.md §6):
-    1. ``z ~ N(0, (1 + σ_max²)·I)`` in the embedding dim D.
-    2. For the N levels ``σ^(0) = σ_max > … > σ^(N−1) = σ_min`` of :func:`inference_sigmas`
-       (N = ``num_levels``, default the model's B), level j runs the block that owns σ^(j)
-       (:func:`sigma_to_block`) on the prefix and z; below the last level,
-       ``z ← euler_step(z, bridge(logits), σ^(j), σ^(j+1))``.
+    1. ``z ~ N(0, (1 + σ_max²)·I)`` in the embedding dim D (:func:`initial_noise`).
+    2. :func:`run_chain` over the ``chain``'s levels ``σ^(0) = σ_max > … > σ^(N−1) = σ_min``, level j
+       run by the block that owns σ^(j) (:func:`sigma_to_block`) on the prefix and z.
     3. The logits of the last level give the token (:func:`sample_token`).
 
     ``use_cache``: each level keeps the clean prefix's keys/values of its block (σ conditions every
     row, so they differ per level): the prompt but its last token is prefilled once, then each
-    level runs only two rows per new token (:meth:`DBlocksLlama.denoise_next`). Without it every
-    level recomputes the whole prefix with :meth:`DBlocksLlama.denoise`. ``return_blocks``: also
-    return the blocks run by the levels of one new token (the same for every token).
+    level runs only two rows per new token (:meth:`DBlocksLlama.denoise_next`; a level's second call
+    for the same token, Heun's, does not append again). Without it every level recomputes the whole
+    prefix with :meth:`DBlocksLlama.denoise`. ``return_blocks``: also return the blocks run by the
+    levels of one new token (the same for every token).
     ``generator`` (for z and the token draws) must live on the prompts' device.
     """
     batch, prompt_len = prompts.shape
     if prompt_len < 1:
         raise ValueError("dblocks_generate needs prompts of length >= 1 (a BOS token at least).")
-    if bridge not in BRIDGES:
-        raise ValueError(f"bridge must be one of {BRIDGES}, got {bridge!r}.")
     edm, device = model.edm, prompts.device
-    sigmas = inference_sigmas(model.num_blocks if num_levels is None else num_levels, edm).tolist()
-    blocks = sigma_to_block(torch.tensor(sigmas), model.num_blocks, edm).tolist()
+    sigmas, blocks = chain.levels(model)
     table = target_table(model)
 
     def sigma_vec(sigma: float) -> torch.Tensor:
@@ -107,20 +168,26 @@ def dblocks_generate(
         for sigma, block, cache in zip(sigmas, blocks, caches):
             model.prefill(prompts[:, :-1], sigma_vec(sigma), block=block, caches=cache)
 
-    def level_logits(tokens: torch.Tensor, z: torch.Tensor, j: int) -> torch.Tensor:
-        """Logits [B, V] of the noisy slot after ``tokens`` at level j."""
+    def level_logits(tokens: torch.Tensor, z: torch.Tensor, j: int, append: bool) -> torch.Tensor:
+        """Logits [B, V] of the noisy slot after ``tokens`` at level j (``append``: the last token's
+        keys/values join level j's cache)."""
         if use_cache:
-            return model.denoise_next(tokens[:, -1], z, sigma_vec(sigmas[j]), block=blocks[j], caches=caches[j])
+            return model.denoise_next(tokens[:, -1], z, sigma_vec(sigmas[j]), block=blocks[j], caches=caches[j],
+                                      append=append)
         z_all = F.pad(z[:, None], (0, 0, tokens.shape[1] - 1, 0))  # earlier noisy slots: unseen by the last
         return model.denoise(model.tok_embeddings(tokens), z_all, sigma_vec(sigmas[j]), block=blocks[j])[:, -1]
 
     tokens = prompts
     for _ in range(max_new_tokens):
-        z = (1 + edm.sigma_max**2) ** 0.5 * torch.randn(batch, model.config.dim, generator=generator, device=device)
-        for j in range(len(sigmas)):
-            logits = level_logits(tokens, z, j)
-            if j + 1 < len(sigmas):
-                z = euler_step(z, bridge_x0(logits, table, bridge), sigmas[j], sigmas[j + 1])
+        appended: set[int] = set()
+
+        def denoise(z: torch.Tensor, j: int) -> torch.Tensor:
+            append = j not in appended
+            appended.add(j)
+            return level_logits(tokens, z, j, append)
+
+        logits = run_chain(denoise, initial_noise((batch, model.config.dim), edm.sigma_max, generator, device),
+                           sigmas, table=table, chain=chain)
         next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     return (tokens, blocks) if return_blocks else tokens

@@ -56,6 +56,17 @@ def unigram_entropy(samples) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
 
 
+def unigram_log_probs(documents, vocab_size: int) -> torch.Tensor:
+    """Add-one-smoothed unigram model [V] (fp64 log-probabilities) of the label stream of ``documents``
+    (each a list of token ids as titan's loaders encode it, BOS … EOS; its labels are ids[1:]):
+    ``log p_v = log((count_v + 1) / (total + V))``."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for ids in documents:
+        labels = torch.as_tensor(ids[1:], dtype=torch.long)
+        counts += torch.bincount(labels, minlength=vocab_size)[:vocab_size].double()
+    return ((counts + 1) / (counts.sum() + vocab_size)).log()
+
+
 def generative_perplexity(nll_sum: float, num_tokens: int) -> float:
     """Generative perplexity of samples scored by a reference model: exp(nll_sum / num_tokens), with
     ``nll_sum`` the summed −ln p_ref (nats) over the ``num_tokens`` scored tokens."""

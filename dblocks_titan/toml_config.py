@@ -2,8 +2,9 @@
 
 A TOML file is applied onto a base recipe (``config_registry.recipe``):
 
-1. ``[model] name, flavor, attn_backend, vocab_size, float8`` pick the recipe (DiffusionBlocks trainer
-   for ``dblocks_llama``, titan's Trainer for its ``llama3`` twin);
+1. ``[model] name, flavor, attn_backend, vocab_size, n_layers, float8`` (+ the conditioning and
+   noisy-slot keys of ``config_registry.ARCH_KEYS``) pick the recipe (DiffusionBlocks trainer for
+   ``dblocks_llama``, titan's Trainer for its ``llama3`` twin);
 2. ``[job] dump_folder, description`` → ``dump_folder`` (description is only logged);
 3. ``[tokenizer] type = "hf" | "tiktoken" | "sentencepiece", path`` → the tokenizer
    (``hf``: a folder with ``tokenizer.json``; the others: a ``.tiktoken`` / ``.model`` file);
@@ -38,7 +39,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 AC_TYPES = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
-MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "float8"}
+MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "n_layers", "float8"}  # + config_registry.ARCH_KEYS
 OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
 
 
@@ -63,15 +64,15 @@ def load_toml(path: str | Path):
 
 
 def build_config(table: dict[str, Any], where: str):
-    from dblocks_titan.config_registry import recipe
+    from dblocks_titan.config_registry import ARCH_KEYS, recipe
 
     table = dict(table)
     model = table.pop("model", {})
-    _check_keys(model, MODEL_KEYS, "model", where)
+    _check_keys(model, MODEL_KEYS | set(ARCH_KEYS), "model", where)
     compile_enabled = bool(table.get("compile", {}).get("enable", False))
     try:
         config = recipe(model.get("name", "dblocks_llama"), model.get("flavor", "debugmodel"), compile=compile_enabled,
-                        **{k: model[k] for k in ("attn_backend", "vocab_size", "float8") if k in model})
+                        **{k: v for k, v in model.items() if k not in ("name", "flavor")})
     except ValueError as e:
         raise TomlError(f"{where}: {e}") from None
 

@@ -77,6 +77,9 @@ class DBlocksConfig:
     """B: the model's layers are cut into B blocks of n_layers/B layers."""
     gamma: float = 0.1
     """Overlap γ: block range [lo, hi] trains on [lo/a, hi·a], a = (hi/lo)^γ."""
+    sigma_max_share: float = 0.0
+    """AR: the share of block 0's samples drawn at σ_max exactly (where the sampler starts and the
+    validator scores), the rest from its widened range. 0: the paper's density only."""
     weighting: Weighting = "batch_mean"
     """Loss weighting: none | per_sample (paper Eq. 6) | batch_mean (authors' code)."""
     block_schedule: ScheduleKind = "random"
@@ -103,6 +106,8 @@ class DBlocksConfig:
             raise ValueError(f"dblocks.num_blocks must be >= 1, got {self.num_blocks}.")
         if not 0 <= self.gamma < 1:
             raise ValueError(f"dblocks.gamma must be in [0, 1), got {self.gamma}.")
+        if not 0 <= self.sigma_max_share <= 1:
+            raise ValueError(f"dblocks.sigma_max_share must be in [0, 1], got {self.sigma_max_share}.")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"dblocks.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
         if not 0 <= self.running_loss_decay < 1:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 TRAIN_LOSS = "loss_metrics/global_avg_loss"
 VAL_LOSS = "validation_metrics/loss"
+SAMPLER_CE = "validation_metrics/sampler_ce"
+UNIGRAM_CE = "validation_metrics/unigram_ce"
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,13 +208,20 @@ def plot_train(path: str, runs: list[Run]) -> None:
 
 
 def plot_validation(path: str, runs: list[Run], reference: Run | None) -> None:
-    """Validation loss of every run on common axes; a dashed line marks the e2e run's budget."""
+    """Validation loss of every run on common axes (and the DB runs' sampler CE, dotted); a dashed line
+    marks the e2e run's budget, a grey line the unigram CE of the held-out batches."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    unigram = next((v[UNIGRAM_CE] for r in runs for v in r.validation.values() if UNIGRAM_CE in v), None)
     for ax, (xlabel, x_of) in zip(axes, X_AXES):
         for run in runs:
-            steps = [s for s in sorted(run.validation) if VAL_LOSS in run.validation[s]]
-            ax.plot([x_of(run, s) for s in steps], [run.validation[s][VAL_LOSS] for s in steps], marker=".", label=run.label)
+            for key, style, suffix in ((VAL_LOSS, "-", ""), (SAMPLER_CE, ":", " sampler CE")):
+                steps = [s for s in sorted(run.validation) if key in run.validation[s]]
+                if steps:
+                    ax.plot([x_of(run, s) for s in steps], [run.validation[s][key] for s in steps], marker=".",
+                            ls=style, label=run.label + suffix)
+        if unigram is not None:
+            ax.axhline(unigram, color="0.5", lw=0.8, label=f"unigram CE {unigram:.3f}")
         if reference is not None:
             ax.axvline(x_of(reference, reference.info["steps"]), color="k", lw=0.8, ls="--", label=f"{reference.label} budget")
         ax.set_xlabel(xlabel)
@@ -297,13 +306,13 @@ def budget_section(runs: list[Run], reference: Run | None) -> list[str]:
         "## Budget convention (METHOD.md §4)",
         "",
         "A DiffusionBlocks run takes B× the optimizer steps (and B× warm-up) of its end-to-end baseline, so "
-        "every block gets the baseline's number of updates; each step trains one block of L/B layers. It sees "
-        "B× the baseline's data. Layer-FLOPs per step (run record of `metrics.jsonl`, "
+        "every block gets the baseline's number of updates (**equal layer-updates**); each step trains one block "
+        "of L/B layers. It sees B× the baseline's data. Layer-FLOPs per step (run record of `metrics.jsonl`, "
         "`dblocks_titan.models.block_denoiser.layer_flops_per_token` × tokens per step) = (L/B)·p·(6·P_layer + 12·H·d·p·N) "
         "per input token, titan's dense-attention convention, with p = 2 positions per token for the AR DB "
         "layout [clean | noisy] (p = 1 otherwise). An AR DB step therefore costs more than 1/B of an e2e step "
-        "(column ÷ e2e above), and its equal-FLOP point comes before B× the e2e steps. Reports give both the "
-        "equal-token and the equal-FLOP comparison.",
+        "(column ÷ e2e above), and its equal-FLOP point comes before B× the e2e steps: the B× point is equal "
+        "layer-updates, not equal FLOPs. Reports give the equal-token and the equal-FLOP comparison.",
         "",
     ]
     db_runs = [r for r in runs if r.is_db]

@@ -9,11 +9,14 @@ from torchtitan.models.common import ScaledDotProductAttention
 from torchtitan.models.llama3.model import Llama3Model
 
 from dblocks_titan.diffusion import inference_sigmas
-from dblocks_titan.models.block_denoiser import decoder_parts, KVCache
-from dblocks_titan.models.dblocks_llama import CleanNoisySDPA, DBlocksLlama
+from torchtitan.models.common import Linear
+
+from dblocks_titan.models.block_denoiser import Conditioning, decoder_parts, KVCache
+from dblocks_titan.models.dblocks_llama import CleanNoisySDPA, DBlocksLlama, NoisySlot
 from dblocks_titan.sampling import (
     baseline_generate,
     bridge_x0,
+    Chain,
     dblocks_generate,
     euler_step,
     generate,
@@ -24,12 +27,14 @@ VOCAB, DIM, LAYERS = 64, 64, 4
 SHAPE = dict(dim=DIM, n_layers=LAYERS, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, ffn_multiple_of=16)  # GQA
 
 
-def build_dblocks(num_blocks=2, seed=0) -> DBlocksLlama:
-    """A tiny DBlocksLlama with every matrix but the embedding redrawn at std 1/√D and adaLN biases at
-    std 0.3: the zero-init parts get real weights, and attention is far from uniform, so a cache
-    error (e.g. a clean row that sees a later row) moves the logits by ~1e-2, not ~1e-7 as at the
-    default init. Two layers per block, so such an error reaches the next layer's keys."""
-    config = DBlocksLlama.Config(**decoder_parts(adaln=True, inner_attention=CleanNoisySDPA.Config(), **SHAPE))
+def build_dblocks(num_blocks=2, seed=0, conditioning=None, slot=NoisySlot()) -> DBlocksLlama:
+    """A tiny DBlocksLlama with every matrix but the embedding redrawn at std 1/√D and adaLN biases
+    (and tables) at std 0.3: the zero-init parts get real weights, and attention is far from uniform,
+    so a cache error (e.g. a clean row that sees a later row) moves the logits by ~1e-2, not ~1e-7 as
+    at the default init. Two layers per block, so such an error reaches the next layer's keys."""
+    parts = decoder_parts(adaln=True, inner_attention=CleanNoisySDPA.Config(), conditioning=conditioning, **SHAPE)
+    proj = Linear.Config(in_features=DIM, out_features=DIM) if slot.noisy_input == "token_proj" else None
+    config = DBlocksLlama.Config(**parts, slot=slot, noisy_proj=proj)
     config.num_blocks = num_blocks
     torch.manual_seed(seed)
     model = config.build()
@@ -38,9 +43,17 @@ def build_dblocks(num_blocks=2, seed=0) -> DBlocksLlama:
         for name, p in model.named_parameters():
             if p.ndim == 2 and "tok_embeddings" not in name:
                 p.normal_(0, DIM**-0.5)
-            elif "adaln.bias" in name:
+            elif "adaln.bias" in name or "adaln_table" in name or "adaln_single.bias" in name:
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+MODEL_VARIANTS = {
+    "paper": {},
+    "single_token_proj_clean_min": dict(conditioning=Conditioning(adaln="single", gate_init=1.0),
+                                        slot=NoisySlot(noisy_input="token_proj", clean_cond="sigma_min")),
+    "token_once": dict(slot=NoisySlot(noisy_input="token", noisy_scale=0.5, readout_norm="once")),
+}
 
 
 def build_baseline(seed=0) -> Llama3Model:
@@ -62,11 +75,13 @@ def prompts(batch=3, length=5, seed=1):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
 @pytest.mark.parametrize("block", [0, 1])
-def test_cached_logits_equal_the_full_forward(block):
+def test_cached_logits_equal_the_full_forward(block, variant):
     """denoise_next after prefill (and after each appended token) = the last noisy slot of the full
-    layout on prefix + token, for every prefix length."""
-    model = build_dblocks()
+    layout on prefix + token, for every prefix length; a repeated call (append=False) for the same
+    token with another z = the full forward with that z."""
+    model = build_dblocks(**MODEL_VARIANTS[variant])
     tokens = prompts(length=6)
     g = torch.Generator().manual_seed(2)
     sigma = torch.full((3,), 0.5)
@@ -80,6 +95,11 @@ def test_cached_logits_equal_the_full_forward(block):
         full = model.denoise(model.tok_embeddings(tokens[:, :n]), z_all, sigma, block=block)[:, -1]
         torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
         assert caches[0].length == n
+        z_all[:, -1] = -z
+        again = model.denoise_next(tokens[:, n - 1], -z, sigma, block=block, caches=caches, append=False)
+        full = model.denoise(model.tok_embeddings(tokens[:, :n]), z_all, sigma, block=block)[:, -1]
+        torch.testing.assert_close(again, full, rtol=0, atol=1e-5)
+        assert caches[0].length == n and not torch.allclose(again, cached)
     assert full.std() > 0.5  # non-trivial logits
 
 
@@ -92,14 +112,21 @@ def test_denoise_is_forward_on_the_noisy_targets():
     torch.testing.assert_close(out, model(tokens, labels=labels, sigma=sigma, noise=noise, block=1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bridge", ["soft", "hard"])
+CHAINS = {
+    "soft": Chain(),
+    "hard": Chain(bridge="hard"),
+    "heun_karras_8": Chain(solver="heun", grid="karras", num_levels=8, bridge_temperature=0.5),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS)
 @pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (1.0, 0.9)], ids=["greedy", "sampled"])
-def test_cached_and_uncached_generation_agree(bridge, temperature, top_p):
-    model = build_dblocks()
+def test_cached_and_uncached_generation_agree(chain, temperature, top_p):
+    model = build_dblocks(**MODEL_VARIANTS["single_token_proj_clean_min" if chain == "heun_karras_8" else "paper"])
     x = prompts()
     out = {
         use_cache: dblocks_generate(
-            model, x, max_new_tokens=5, bridge=bridge, temperature=temperature, top_p=top_p,
+            model, x, max_new_tokens=5, chain=CHAINS[chain], temperature=temperature, top_p=top_p,
             generator=torch.Generator().manual_seed(3), use_cache=use_cache,
         )
         for use_cache in (True, False)
@@ -133,7 +160,8 @@ def test_levels_run_their_blocks_in_order(levels, expected_blocks, use_cache):
     for i, layer in enumerate(model.layers.values()):
         layer.adaln.register_forward_hook(lambda *_, i=i: ran.append(i))
     _, blocks = dblocks_generate(
-        model, prompts(length=1), max_new_tokens=1, num_levels=levels, use_cache=use_cache, return_blocks=True
+        model, prompts(length=1), max_new_tokens=1, chain=Chain(num_levels=levels), use_cache=use_cache,
+        return_blocks=True
     )
     assert blocks == expected_blocks
     assert ran == [2 * b + k for b in blocks for k in range(2)]
@@ -193,6 +221,6 @@ def test_generate_dispatches_on_the_model_type():
         generate(base, x, max_new_tokens=3, generator=g()), baseline_generate(base, x, max_new_tokens=3, generator=g())
     )
     assert torch.equal(
-        generate(dblocks, x, max_new_tokens=3, bridge="hard", generator=g()),
-        dblocks_generate(dblocks, x, max_new_tokens=3, bridge="hard", generator=g()),
+        generate(dblocks, x, max_new_tokens=3, chain=Chain(bridge="hard"), generator=g()),
+        dblocks_generate(dblocks, x, max_new_tokens=3, chain=Chain(bridge="hard"), generator=g()),
     )

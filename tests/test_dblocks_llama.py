@@ -11,6 +11,8 @@ from dblocks_titan.models.dblocks_llama import (
     document_ids,
     flavor_config,
 )
+from dblocks_titan.models.block_denoiser import Conditioning
+from dblocks_titan.models.conditioning import default_cond_dim
 from dblocks_titan.objectives import ar_loss
 
 VOCAB, DIM = 4096, 128
@@ -34,8 +36,8 @@ def materialize(config, seed: int = 0):
     return model
 
 
-def build(num_blocks=4, seed=0, randomize_zero_init=False):
-    config = flavor_config("debugmodel", attn_backend="sdpa")
+def build(num_blocks=4, seed=0, randomize_zero_init=False, **options):
+    config = flavor_config("debugmodel", attn_backend="sdpa", **options)
     config.num_blocks = num_blocks
     model = materialize(config, seed)
     with torch.no_grad():
@@ -109,10 +111,11 @@ def test_noisy_slots_do_not_see_each_other():
     assert (out[:, 5] - base[:, 5]).abs().max() > 1e-4
 
 
-def test_zero_init_layers_are_identity():
-    model = build()
+@pytest.mark.parametrize("adaln", ["per_layer", "single"])
+def test_zero_init_layers_are_identity(adaln):
+    model = build(conditioning=Conditioning(adaln=adaln))
     x = torch.randn(2, 10, DIM)
-    c = torch.randn(2, DIM)
+    c = model.layer_conditioning(torch.randn(2, default_cond_dim(DIM)))
     positions = torch.arange(5).repeat(2, 1)
     mask = model.get_attention_masks(positions)
     for layer in model.layers.values():

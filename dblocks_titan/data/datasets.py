@@ -89,7 +89,7 @@ def _lm1b_record(line: str) -> dict[str, str]:
 
 def _arrow(urlpath: str, dataset: str, parse: Callable[[str], dict[str, Any]]) -> Dataset:
     """All records of ``urlpath`` as a map-style Dataset, cached on disk until a file changes."""
-    keys = [f"{f.path}:{f.fs.ukey(f.path)}" for f in _open_files(urlpath, dataset)]
+    keys = dataset_files_key(dataset, urlpath)
     fingerprint = hashlib.sha256("\n".join([parse.__name__, *keys]).encode()).hexdigest()[:32]
     kwargs = {"urlpath": urlpath, "dataset": dataset, "parse": parse}
     return Dataset.from_generator(_records, gen_kwargs=kwargs, fingerprint=fingerprint)
@@ -144,6 +144,20 @@ def check_dataset(name: str, path: str | None) -> None:
         _require(path, name, "the data files")
     if path and not Path(path).is_dir():
         _open_files(path, name)
+
+
+def dataset_texts(name: str, path: str | None) -> Iterator[str]:
+    """The texts of a registered dataset (``DATASETS[name]``, at ``path`` or its default), in order."""
+    config = DATASETS[name]
+    for sample in config.loader(path or config.path):
+        yield config.sample_processor(sample)
+
+
+def dataset_files_key(name: str, path: str | None) -> list[str]:
+    """What identifies the data of ``DATASETS[name]`` at ``path``: each file's path and fsspec ``ukey``
+    (size/mtime, or the remote ETag), as the Arrow cache keys them."""
+    path = path or DATASETS[name].path
+    return [f"{f.path}:{f.fs.ukey(f.path)}" for f in _open_files(path, name)]
 
 
 def _text(sample: dict[str, Any]) -> str:

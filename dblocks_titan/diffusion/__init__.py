@@ -1,8 +1,10 @@
 """Noise math for DiffusionBlocks: EDM σ partition/weighting and the masked-diffusion schedule."""
 
 from .edm import (
+    GRIDS,
     WEIGHTINGS,
     EDMConfig,
+    Grid,
     Weighting,
     block_boundaries,
     block_range,
@@ -31,6 +33,8 @@ from .masking import (
 )
 
 __all__ = [
+    "GRIDS",
+    "Grid",
     "WEIGHTINGS",
     "EDMConfig",
     "Weighting",

@@ -9,6 +9,8 @@ activation checkpointing, per-layer compile and per-layer FSDP2 apply unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,7 +32,17 @@ from torchtitan.models.common.param_init import depth_scaled_std
 from torchtitan.models.llama3.model import Llama3TransformerBlock
 from torchtitan.protocols.module import Module
 
-from dblocks_titan.models.conditioning import modulate, TimestepEmbedder, ZERO_INIT
+from dblocks_titan.models.conditioning import (
+    AdaLNTable,
+    default_cond_dim,
+    modulate,
+    TABLE_INIT,
+    TimestepEmbedder,
+    ZERO_INIT,
+)
+
+ADALN_KINDS = ("per_layer", "single")
+DEPTH_INITS = ("global", "per_block")
 
 
 class MaskedSDPA(Module):
@@ -82,11 +94,28 @@ class _ModulatedRMSNorm(torch.autograd.Function):
 
 def modulated_norm(norm: nn.RMSNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``modulate(norm(x), shift, scale)`` as one op: autograd keeps x and 1/rms instead of x, the
-    normalised x and the modulated product (x [B, L, D]; shift, scale [B, D]). The norm's weight is
-    read directly, so call it only where the norm's parameters are materialised (inside the owning
-    layer's forward under FSDP)."""
+    normalised x and the modulated product. x [B, L, D]; shift, scale [B, D] (every row alike) or
+    [B, G, D] (:func:`by_group`). The norm's weight is read directly, so call it only where the norm's
+    parameters are materialised (inside the owning layer's forward under FSDP)."""
     eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    if shift.dim() == 3:
+        return _ModulatedRMSNorm.apply(by_group(x, shift), norm.weight, shift.flatten(0, 1), scale.flatten(0, 1),
+                                       eps).view_as(x)
     return _ModulatedRMSNorm.apply(x, norm.weight, shift, scale, eps)
+
+
+def by_group(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] viewed as [B·G, L/G, D] for a per-group vector v [B, G, D]: the L rows are G equal,
+    contiguous groups (the AR layout's clean and noisy halves), each conditioned by its own vector."""
+    batch, groups = v.shape[:2]
+    return x.reshape(batch * groups, x.shape[1] // groups, x.shape[2])
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x + gate·out`` with gate [B, D] (every row) or [B, G, D] (per group of rows, :func:`by_group`)."""
+    if gate.dim() == 3:
+        return (by_group(x, gate) + gate.flatten(0, 1)[:, None] * by_group(out, gate)).view_as(x)
+    return x + gate[:, None] * out
 
 
 @dataclass
@@ -136,37 +165,54 @@ def cached_attention(
 class DBlockLayer(TransformerBlock):
     """llama3 layer with adaLN: ``x += gate·Attn(norm(x)·(1+scale)+shift)``, same for the MLP.
 
-    The adaLN Linear (c → 6·dim) is zero-initialised, so the layer starts as the identity.
+    The six modulation vectors come from the layer's conditioning input ``c``:
+    - ``adaln`` (per-layer adaLN): a Linear C → 6·dim of the conditioning vector c [B, C];
+    - ``adaln_table`` (adaLN-single): ``c`` is already the shared Linear's output m [B, 6·dim], and the
+      layer adds its own table (:class:`AdaLNTable`).
+    Both are zero-initialised, so with ``gate_init = 0`` (adaLN-Zero) the layer starts as the identity;
+    ``gate_init = g`` offsets both gates by g (g = 1: the layer starts as a plain pre-norm llama3 layer).
+    ``c`` [B, ·] conditions every row; [B, G, ·] conditions G equal groups of rows (:func:`by_group`).
     """
 
     @dataclass(kw_only=True, slots=True)
     class Config(TransformerBlock.Config):
-        adaln: Linear.Config
+        adaln: Linear.Config | None = None
+        adaln_table: AdaLNTable.Config | None = None
+        gate_init: float = 0.0
 
     def __init__(self, config: Config):
         super().__init__()
+        if (config.adaln is None) == (config.adaln_table is None):
+            raise ValueError("a DBlockLayer has exactly one of adaln (per-layer) and adaln_table (adaLN-single)")
         self.attention = config.attention.build()
         self.feed_forward = config.feed_forward.build()
         self.attention_norm = config.attention_norm.build()
         self.ffn_norm = config.ffn_norm.build()
-        self.adaln = config.adaln.build()
+        self.adaln = None if config.adaln is None else config.adaln.build()
+        self.adaln_table = None if config.adaln_table is None else config.adaln_table.build()
+        self.gate_init = config.gate_init
 
     def forward(self, x, c, attention_masks, positions):
-        """x [B, L, D]; c [B, D] (already SiLU'd); positions [B, L]."""
+        """x [B, L, D]; c [B, (G,) C] (SiLU'd conditioning, or adaLN-single's m); positions [B, L]."""
         return self._modulated(x, c, lambda h: self.attention(h, attention_masks, positions))
 
     def forward_cached(self, x, c, cache: KVCache, positions, keep: int):
         """:meth:`forward` for m new rows after the rows in ``cache`` (:func:`cached_attention`: new
         row r attends to the cached rows and new rows ≤ r; the first ``keep`` rows are cached).
-        x [B, m, D]; c [B, D]; positions [1 or B, m]."""
+        x [B, m, D]; c [B, (G,) C]; positions [1 or B, m]."""
         return self._modulated(x, c, lambda h: cached_attention(self.attention, h, cache, positions, keep))
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift_a, scale_a, gate_a, shift_m, scale_m, gate_m), each [B, (G,) dim]."""
+        m = self.adaln(c) if self.adaln is not None else self.adaln_table(c)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = m.chunk(6, dim=-1)
+        return shift_a, scale_a, gate_a + self.gate_init, shift_m, scale_m, gate_m + self.gate_init
 
     def _modulated(self, x, c, attend):
         """The adaLN layer body around ``attend`` (normed, modulated x → the attention's output)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(c).chunk(6, dim=-1)
-        x = x + gate_a[:, None] * attend(modulated_norm(self.attention_norm, x, shift_a, scale_a))
-        h = modulated_norm(self.ffn_norm, x, shift_m, scale_m)
-        return x + gate_m[:, None] * self.feed_forward(h)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)
+        x = gated(x, gate_a, attend(modulated_norm(self.attention_norm, x, shift_a, scale_a)))
+        return gated(x, gate_m, self.feed_forward(modulated_norm(self.ffn_norm, x, shift_m, scale_m)))
 
 
 def layer_flops_per_token(
@@ -188,9 +234,14 @@ def layer_flops_per_token(
     return n_layers // num_blocks * p * (6 * layer_params + 12 * n_heads * head_dim * p * seq_len)
 
 
+ADALN_MODULES = ("adaln", "adaln_table")
+"""Names of a layer's conditioning parts (per-layer adaLN Linear, adaLN-single table)."""
+
+
 def layer_params_without_adaln(layer: nn.Module) -> int:
-    """Parameters of one layer, its ``adaln`` Linear excluded (names may carry compile / AC wrapper prefixes)."""
-    return sum(p.numel() for name, p in layer.named_parameters() if "adaln" not in name.split("."))
+    """Parameters of one layer, its conditioning (:data:`ADALN_MODULES`) excluded (names may carry
+    compile / AC wrapper prefixes)."""
+    return sum(p.numel() for name, p in layer.named_parameters() if not set(name.split(".")) & set(ADALN_MODULES))
 
 
 def check_num_blocks(n_layers: int, num_blocks: int) -> None:
@@ -208,8 +259,13 @@ class BlockDenoiser(Decoder):
     class Config(Decoder.Config):
         t_embedder: TimestepEmbedder.Config
         final_adaln: Linear.Config
+        adaln_single: Linear.Config | None = None
+        """adaLN-single's shared modulation Linear C → 6·dim (None: every layer has its own adaLN)."""
         num_blocks: int = 1
         """Set from ``[dblocks] num_blocks`` by ``update_from_config``."""
+        depth_init: str = "global"
+        """Depth-scaled init of each layer's output projections: by its index in the whole stack
+        (``global``) or inside its block (``per_block``: every block starts as its own L/B-layer network)."""
 
         def update_from_config(self, *, config, **kwargs) -> None:
             Decoder.Config.update_from_config(self, config=config, **kwargs)
@@ -217,6 +273,9 @@ class BlockDenoiser(Decoder):
             if dblocks is not None:
                 self.num_blocks = dblocks.num_blocks
             check_num_blocks(len(self.layers), self.num_blocks)
+            if self.depth_init == "per_block":
+                per_block = len(self.layers) // self.num_blocks
+                self.layers = [with_depth_init(layer, i % per_block) for i, layer in enumerate(self.layers)]
 
         def block_flops(self, model: nn.Module, positions_per_token: int, head_positions_per_token: int, seq_len: int):
             """(nparams, FLOPs per input token of one step with one block active), counting what runs:
@@ -225,11 +284,12 @@ class BlockDenoiser(Decoder):
             the time embedder)."""
             nparams = sum(p.numel() for p in model.parameters())
             layer = next(iter(model.layers.values()))
-            adaln_params = sum(p.numel() for p in layer.adaln.parameters())
+            adaln_params = sum(p.numel() for name in ADALN_MODULES if getattr(layer, name, None) is not None
+                               for p in getattr(layer, name).parameters())
             block_layers = len(self.layers) // self.num_blocks
-            once = block_layers * adaln_params + sum(
-                p.numel() for m in (model.final_adaln, model.t_embedder) for p in m.parameters()
-            )
+            shared_conditioning = (model.final_adaln, model.t_embedder) + (
+                () if model.adaln_single is None else (model.adaln_single,))
+            once = block_layers * adaln_params + sum(p.numel() for m in shared_conditioning for p in m.parameters())
             n_heads = layer.attention.n_heads
             flops = layer_flops_per_token(
                 n_layers=len(self.layers), num_blocks=self.num_blocks, positions_per_token=positions_per_token,
@@ -243,6 +303,7 @@ class BlockDenoiser(Decoder):
         super().__init__(config)
         self.t_embedder = config.t_embedder.build()
         self.final_adaln = config.final_adaln.build()
+        self.adaln_single = None if config.adaln_single is None else config.adaln_single.build()
         self.num_blocks = config.num_blocks
         self.n_layers = len(config.layers)  # block-parallel ranks hold only their block's layers
 
@@ -254,10 +315,17 @@ class BlockDenoiser(Decoder):
         return [self.layers[str(i)] for i in range(block * per_block, (block + 1) * per_block)]
 
     def conditioning(self, noise_label: torch.Tensor) -> torch.Tensor:
-        """``c = SiLU(emb(noise_label))`` [B, D], fed to every adaLN."""
+        """``c = SiLU(emb(noise_label))`` [B, C] (noise_label [B]), fed to the adaLNs."""
         return F.silu(self.t_embedder(noise_label))
 
+    def layer_conditioning(self, c: torch.Tensor) -> torch.Tensor:
+        """What the layers consume: c itself (per-layer adaLN), or adaLN-single's shared m = W·c [.., 6·dim],
+        computed once for all the block's layers."""
+        return c if self.adaln_single is None else self.adaln_single(c)
+
     def run_block(self, x, c, block: int, attention_masks, positions) -> torch.Tensor:
+        """``block``'s layers on x [B, L, D] conditioned by c [B, (G,) C]."""
+        c = self.layer_conditioning(c)
         for layer in self.block_layers(block):
             x = layer(x, c, attention_masks, positions)
         return x
@@ -265,6 +333,7 @@ class BlockDenoiser(Decoder):
     def run_block_cached(self, x, c, block: int, caches: list[KVCache], positions, keep: int) -> torch.Tensor:
         """:meth:`run_block` for new rows after the cached ones (one :class:`KVCache` per layer of
         ``block``, see :meth:`DBlockLayer.forward_cached`)."""
+        c = self.layer_conditioning(c)
         for layer, cache in zip(self.block_layers(block), caches, strict=True):
             x = layer.forward_cached(x, c, cache, positions, keep)
         return x
@@ -295,6 +364,59 @@ def _depth_init(layer_id: int) -> dict:
     return {"weight": partial(nn.init.trunc_normal_, std=depth_scaled_std(0.02, layer_id)), "bias": nn.init.zeros_}
 
 
+def with_depth_init(layer: TransformerBlock.Config, layer_id: int) -> TransformerBlock.Config:
+    """``layer`` with the depth-scaled init of layer ``layer_id`` on its output projections (attention
+    ``wo``, MLP ``w2``/``w3``; std 0.02/√(2·(layer_id + 1)))."""
+    init = _depth_init(layer_id)
+    attention, ffn = layer.attention, layer.feed_forward
+    return dataclasses.replace(
+        layer,
+        attention=dataclasses.replace(attention, wo=dataclasses.replace(attention.wo, param_init=init)),
+        feed_forward=dataclasses.replace(ffn, w2=dataclasses.replace(ffn.w2, param_init=init),
+                                         w3=dataclasses.replace(ffn.w3, param_init=init)),
+    )
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How the noise level reaches the layers of every DiffusionBlocks model (``[model]`` keys).
+
+    - ``cond_dim``: width C of the conditioning vector ``c = SiLU(emb(noise label))`` (None: the
+      authors' ``dim // 6`` rounded up to a multiple of 64, :func:`default_cond_dim`);
+    - ``adaln``: ``per_layer`` (each layer a Linear C → 6·dim: 6·C·dim parameters per layer) or
+      ``single`` (adaLN-single, PixArt-α: one shared Linear C → 6·dim for the whole model plus a
+      learned 6·dim table per layer);
+    - ``gate_init``: the adaLN gates' value at initialisation (0: adaLN-Zero, every layer starts as the
+      identity; 1: as a plain pre-norm layer);
+    - ``time_scale``: the timestep embedder's factor on the noise label (1000: flux's; 1: EDM's);
+    - ``depth_init``: ``global`` | ``per_block`` depth-scaled init of the output projections.
+    """
+
+    cond_dim: int | None = None
+    adaln: str = "per_layer"
+    gate_init: float = 0.0
+    time_scale: float = 1000.0
+    depth_init: str = "global"
+
+    def __post_init__(self):
+        if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or not isinstance(self.cond_dim, int)
+                                          or self.cond_dim < 8 or self.cond_dim % 8):
+            raise ValueError(f"[model] cond_dim must be a positive multiple of 8 (or unset), got {self.cond_dim!r}")
+        if self.adaln not in ADALN_KINDS:
+            raise ValueError(f"[model] adaln must be one of {ADALN_KINDS}, got {self.adaln!r}")
+        if self.depth_init not in DEPTH_INITS:
+            raise ValueError(f"[model] depth_init must be one of {DEPTH_INITS}, got {self.depth_init!r}")
+        for key in ("gate_init", "time_scale"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"[model] {key} must be a finite number, got {value!r}")
+        if self.time_scale <= 0:
+            raise ValueError(f"[model] time_scale must be > 0, got {self.time_scale}")
+
+    def width(self, dim: int) -> int:
+        return default_cond_dim(dim) if self.cond_dim is None else self.cond_dim
+
+
 def decoder_parts(
     *,
     adaln: bool,
@@ -307,9 +429,13 @@ def decoder_parts(
     ffn_multiple_of: int = 256,
     ffn_dim_multiplier: float | None = None,
     rope_theta: float = 500000,
+    conditioning: Conditioning | None = None,
 ) -> dict:
     """Decoder.Config fields of a llama3-shaped stack: adaLN layers with a zero-init head and the
-    shared denoiser parts (``adaln=True``), or plain llama3 layers (titan's e2e twin)."""
+    shared denoiser parts (``adaln=True``, shaped by ``conditioning``), or plain llama3 layers
+    (titan's e2e twin)."""
+    cond = conditioning or Conditioning()
+    cond_dim = cond.width(dim)
     rope = ComplexRoPE.Config(dim=dim // n_heads, max_seq_len=131072, theta=rope_theta, scaling="none")
     hidden = compute_ffn_hidden_dim(dim, multiple_of=ffn_multiple_of, ffn_dim_multiplier=ffn_dim_multiplier)
 
@@ -327,8 +453,12 @@ def decoder_parts(
         )
         if not adaln:
             return Llama3TransformerBlock.Config(**parts)
+        if cond.adaln == "single":
+            return DBlockLayer.Config(**parts, adaln_table=AdaLNTable.Config(dim=dim, param_init=TABLE_INIT),
+                                      gate_init=cond.gate_init)
         return DBlockLayer.Config(
-            **parts, adaln=Linear.Config(in_features=dim, out_features=6 * dim, bias=True, param_init=ZERO_INIT)
+            **parts, adaln=Linear.Config(in_features=cond_dim, out_features=6 * dim, bias=True, param_init=ZERO_INIT),
+            gate_init=cond.gate_init,
         )
 
     parts = dict(
@@ -343,8 +473,12 @@ def decoder_parts(
         layers=[layer(i) for i in range(n_layers)],
     )
     if adaln:
-        parts["t_embedder"] = TimestepEmbedder.Config(dim=dim)
-        parts["final_adaln"] = Linear.Config(in_features=dim, out_features=2 * dim, bias=True, param_init=ZERO_INIT)
+        parts["t_embedder"] = TimestepEmbedder.Config(dim=cond_dim, time_scale=cond.time_scale)
+        parts["final_adaln"] = Linear.Config(in_features=cond_dim, out_features=2 * dim, bias=True, param_init=ZERO_INIT)
+        parts["depth_init"] = cond.depth_init
+        if cond.adaln == "single":
+            parts["adaln_single"] = Linear.Config(in_features=cond_dim, out_features=6 * dim, bias=True,
+                                                  param_init=ZERO_INIT)
     return parts
 
 
@@ -357,10 +491,14 @@ def resolve_attn_backend(attn_backend: str) -> str:
     return attn_backend
 
 
-def flavor_kwargs(flavors: dict, flavor: str, vocab_size: int | None) -> dict:
+def flavor_kwargs(flavors: dict, flavor: str, vocab_size: int | None, n_layers: int | None = None) -> dict:
+    """The shape of ``flavor``, with ``[model] vocab_size`` / ``n_layers`` overriding the flavor's."""
     if flavor not in flavors:
         raise ValueError(f"unknown flavor {flavor!r}; choose one of {sorted(flavors)}.")
     kwargs = dict(flavors[flavor])
-    if vocab_size is not None:
-        kwargs["vocab_size"] = vocab_size
+    for key, value in (("vocab_size", vocab_size), ("n_layers", n_layers)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"[model] {key} must be an integer >= 1, got {value!r}")
+            kwargs[key] = value
     return kwargs

@@ -1,7 +1,9 @@
 """Noise-level conditioning shared by every DiffusionBlocks model (METHOD.md §5).
 
 - :class:`TimestepEmbedder`: 256-d sinusoidal features of the noise label → Linear → SiLU →
-  Linear (width = model dim). The model feeds ``c = SiLU(emb)`` to every adaLN.
+  Linear (width ``cond_dim``, default :func:`default_cond_dim`). The model feeds ``c = SiLU(emb)``
+  to every adaLN.
+- :class:`AdaLNTable`: the per-layer learned 6·dim table of adaLN-single (PixArt-α).
 - :func:`modulate`: ``x·(1 + scale) + shift``, broadcast over the sequence.
 - ``ZERO_INIT``: the param_init that makes an adaLN (or head) start at exactly zero.
 """
@@ -20,7 +22,15 @@ from torchtitan.models.common import Linear
 from torchtitan.protocols.module import Module
 
 ZERO_INIT = {"weight": nn.init.zeros_, "bias": nn.init.zeros_}
+TABLE_INIT = {"table": nn.init.zeros_}
 _MLP_INIT = {"weight": partial(nn.init.normal_, std=0.02), "bias": nn.init.zeros_}
+
+
+def default_cond_dim(dim: int) -> int:
+    """Width C of the conditioning vector: the authors' ``dim // 6`` rounded up to a multiple of 64
+    (64 at d = 128, 128 at d = 768, 384 at d = 2048, 704 at d = 4096). A per-layer adaLN Linear
+    C → 6·dim then adds 6·C·dim parameters to a layer instead of 6·dim² (C = dim: 1.5× a llama3 layer)."""
+    return -(-(dim // 6) // 64) * 64
 
 
 def sinusoidal_features(t: torch.Tensor, dim: int, scale: float, max_period: float = 10000.0) -> torch.Tensor:
@@ -40,16 +50,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class TimestepEmbedder(Module):
-    """Embeds the noise label ``c_noise = ¼·ln σ`` (METHOD.md §5).
+    """Embeds the noise label (AR: ``c_noise = ¼·ln σ``, METHOD.md §5; masked diffusion: t) as
+    sinusoidal features of ``time_scale·label`` → Linear → SiLU → Linear, width ``dim`` (the model's
+    ``cond_dim``).
 
-    ``c_noise`` spans only ≈[−1.55, 1.1] on [σ_min, σ_max], so the features use
-    ``time_scale·c_noise`` (default 1000, the DiT range for t ∈ [0, 1000]) to give the
-    sinusoid a usable spread of frequencies.
+    ``c_noise`` spans only ≈[−1.55, 1.1] on [σ_min, σ_max]: ``time_scale`` 1000 (flux's factor for
+    t ∈ [0, 1]) spreads it over the sinusoid's frequencies; 1 feeds it as it is (EDM, the authors).
     """
 
     @dataclass(kw_only=True, slots=True)
     class Config(Module.Config):
         dim: int
+        """Output width: the conditioning vector's C."""
         frequency_dim: int = 256
         time_scale: float = 1000.0
 
@@ -66,3 +78,22 @@ class TimestepEmbedder(Module):
         """c_noise [B] → embedding [B, dim] (before the SiLU that the adaLNs consume)."""
         feats = sinusoidal_features(c_noise, self.frequency_dim, self.time_scale)
         return self.fc2(F.silu(self.fc1(feats.to(self.fc1.weight.dtype))))
+
+
+class AdaLNTable(Module):
+    """adaLN-single's per-layer part (PixArt-α): a learned table [6, dim] added to the modulation
+    ``m = W·c`` [B, 6·dim] that ONE Linear shared by all layers computes, so a layer's shift, scale
+    and gate for attention and MLP are ``m + table.flatten()``. Zero-initialised (with the shared
+    Linear zero too, every layer starts as the identity)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Module.Config):
+        dim: int
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(6, config.dim))
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        """m [B, (G,) 6·dim] → m + table."""
+        return m + self.table.flatten()

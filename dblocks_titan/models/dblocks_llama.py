@@ -5,14 +5,17 @@ runs ONE block:
 
 1. Embed ``[tokens | labels]`` with the shared table. Context rows stay raw; target rows are
    L2-normalised: ``y_i = E[label_i] / ‖E[label_i]‖``.
-2. Noise the targets: ``z = y + σ·ε`` and lay out ``[clean x_1..x_N | noisy c_in·z_1..c_in·z_N]``
-   (length 2N). Noisy slot i predicts ``label_i`` (the token at position ``pos_i + 1``), so its
-   RoPE position is ``pos_i + 1``: a token has the same position in both halves.
+2. Noise the targets: ``z = y + σ·ε`` and lay out ``[clean x_1..x_N | noisy slots]`` (length 2N).
+   Noisy slot i predicts ``label_i`` (the token at position ``pos_i + 1``), so its RoPE position is
+   ``pos_i + 1``: a token has the same position in both halves. What the slot's residual stream
+   starts from is :class:`NoisySlot`'s choice: ``c_in·z_i`` (the paper), or the context token's
+   embedding ``E[x_i]`` plus ``c_in·z_i`` or a learned projection of it.
 3. Attention (:func:`dblocks_mask_mod`): clean→clean causal; noisy slot of token k → clean tokens
    < k and itself; no noisy→noisy, no clean→noisy; never across documents.
-4. Run only the chosen block's layers, each with zero-init adaLN on ``c = SiLU(emb(c_noise(σ)))``.
-5. Shared final norm on the noisy half → EDM combine ``D = c_skip·z + c_out·h`` → final adaLN
-   (norm, shift/scale, zero-init) → head (zero-init) → logits ``[B, N, V]``.
+4. Run only the chosen block's layers, each with zero-init adaLN on ``c = SiLU(emb(c_noise(σ)))``
+   (the clean half at σ or at σ_min: ``clean_cond``).
+5. Noisy half → EDM combine ``D = c_skip·z + c_out·norm(h)`` (or ``c_out·h``: ``readout_norm``) →
+   final adaLN (norm, shift/scale, zero-init) → head (zero-init) → logits ``[B, N, V]``.
 
 Called without ``sigma`` (``model(tokens)``, as titan's Validator does) it predicts the next
 token from pure noise at σ_max through block 0: the honest next-token CE comparable with an AR
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from torchtitan.models.common import FlexAttention, ScaledDotProductAttention
+from torchtitan.models.common import FlexAttention, Linear, ScaledDotProductAttention
 from torchtitan.models.common.attention import create_attention_mask
 from torchtitan.models.llama3.model import Llama3Model
 from torchtitan.protocols.module import Module
@@ -40,11 +43,48 @@ from dblocks_titan.diffusion import EDMConfig, precondition
 from dblocks_titan.models.block_denoiser import (
     BlockDenoiser,
     check_num_blocks,  # noqa: F401  (re-exported for callers of this module)
+    Conditioning,
     decoder_parts,
     flavor_kwargs,
     KVCache,
     resolve_attn_backend,
 )
+from dblocks_titan.models.conditioning import ZERO_INIT
+
+NOISY_INPUTS = ("c_in", "token", "token_proj")
+READOUT_NORMS = ("twice", "once")
+CLEAN_CONDS = ("sigma", "sigma_min")
+
+
+@dataclass(frozen=True)
+class NoisySlot:
+    """How the noisy slots enter and leave the residual stream (``[model]`` keys of ``dblocks_llama``).
+
+    - ``noisy_input``: slot i's input row, with ``u = noisy_scale·c_in·z_i``:
+      ``c_in`` → u (the paper: at σ_max pure noise of norm ≈ √dim);
+      ``token`` → E[x_i] + u (x_i: the context token the slot follows, which it attends to anyway);
+      ``token_proj`` → E[x_i] + W·u, W a zero-initialised Linear dim → dim (shared), so every slot
+      starts as a plain next-token query and learns how much of z to read.
+    - ``noisy_scale``: the factor on ``c_in·z`` (1: as is).
+    - ``readout_norm``: ``twice`` → D = c_skip·z + c_out·norm(h), normed again by the readout;
+      ``once`` → D = c_skip·z + c_out·h, normed by the readout only.
+    - ``clean_cond``: the clean half's adaLN conditioning: ``sigma`` (the slot's σ, METHOD.md §5) or
+      ``sigma_min`` (fixed: the clean rows, hence their keys and values, do not depend on σ).
+    """
+
+    noisy_input: str = "c_in"
+    noisy_scale: float = 1.0
+    readout_norm: str = "twice"
+    clean_cond: str = "sigma"
+
+    def __post_init__(self):
+        for key, allowed in (("noisy_input", NOISY_INPUTS), ("readout_norm", READOUT_NORMS),
+                             ("clean_cond", CLEAN_CONDS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"[model] {key} must be one of {allowed}, got {getattr(self, key)!r}")
+        scale = self.noisy_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+            raise ValueError(f"[model] noisy_scale must be a number >= 0, got {scale!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +216,9 @@ class DBlocksLlama(BlockDenoiser):
         """Set from ``[dblocks] edm`` by ``update_from_config``."""
         eval_seed: int = 0
         """Seed of the fixed noise used when the model is called without ``sigma``."""
+        slot: NoisySlot = field(default_factory=NoisySlot)
+        noisy_proj: Linear.Config | None = None
+        """The zero-init Linear W of ``noisy_input = "token_proj"``."""
 
         def update_from_config(self, *, config, **kwargs) -> None:
             BlockDenoiser.Config.update_from_config(self, config=config, **kwargs)
@@ -188,13 +231,19 @@ class DBlocksLlama(BlockDenoiser):
                     layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=training.seq_len + 1)
 
         def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
-            """The block's layers see 2N positions per N input tokens; the head sees the N noisy ones."""
-            return self.block_flops(model, 2, 1, seq_len)
+            """The block's layers see 2N positions per N input tokens; the head (and ``noisy_proj``)
+            the N noisy ones."""
+            nparams, flops = self.block_flops(model, 2, 1, seq_len)
+            if model.noisy_proj is not None:
+                flops += 6 * model.noisy_proj.weight.numel()
+            return nparams, flops
 
     def __init__(self, config: Config):
         super().__init__(config)
         self.edm = config.edm
         self.eval_seed = config.eval_seed
+        self.slot = config.slot
+        self.noisy_proj = None if config.noisy_proj is None else config.noisy_proj.build()
         self._mask_cache: tuple | None = None
 
     def get_attention_masks(self, positions: torch.Tensor):
@@ -223,28 +272,33 @@ class DBlocksLlama(BlockDenoiser):
         labels: torch.Tensor | None = None,
         sigma: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
         block: int = 0,
         skip_lm_head: bool = False,
     ) -> torch.Tensor:
         """Logits [B, N, V] for the noisy slots, running only ``block``'s layers (``skip_lm_head``:
         the head's input [B, N, D] instead, for a loss that applies the head in chunks).
 
-        tokens, labels [B, N] (labels = next tokens); sigma [B] (fp32); noise [B, N, D].
-        Without ``sigma``: σ = σ_max, z = σ_max·ε with a fixed-seed ε (no label information),
-        block 0 — next-token prediction.
+        tokens [B, N]; sigma [B] (fp32, default σ_max); noise [B, N, D]. The noisy targets z [B, N, D]:
+        - training: ``labels`` [B, N] (the next tokens) and ``noise`` → z = y + σ·ε;
+        - ``z`` given (a sampler's state, fp32): as is;
+        - neither: next-token prediction from pure noise, z = σ·ε (ε = ``noise``, or a fixed-seed
+          draw), no label information — block 0 unless told otherwise.
         """
         batch, n = tokens.shape
         if sigma is None:
             sigma = torch.full((batch,), self.edm.sigma_max, device=tokens.device)
-            gen = torch.Generator(device=tokens.device).manual_seed(self.eval_seed)
-            noise = torch.randn(batch, n, self.config.dim, generator=gen, device=tokens.device)
-            emb = self.tok_embeddings(tokens)
-            z = sigma[:, None, None] * noise
-        else:
+        if labels is not None:
             emb_all = self.tok_embeddings(torch.cat([tokens, labels], dim=1))
             emb, target = emb_all[:, :n], emb_all[:, n:]
-            y = F.normalize(target.float(), dim=-1)
-            z = y + sigma[:, None, None] * noise.float()
+            z = F.normalize(target.float(), dim=-1) + sigma[:, None, None] * noise.float()
+        else:
+            emb = self.tok_embeddings(tokens)
+            if z is None:
+                if noise is None:
+                    gen = torch.Generator(device=tokens.device).manual_seed(self.eval_seed)
+                    noise = torch.randn(batch, n, self.config.dim, generator=gen, device=tokens.device)
+                z = sigma[:, None, None] * noise.float()
         return self.denoise(
             emb, z, sigma, block=block, positions=positions, attention_masks=attention_masks, skip_lm_head=skip_lm_head
         )
@@ -268,19 +322,41 @@ class DBlocksLlama(BlockDenoiser):
         if attention_masks is None:
             attention_masks = self.get_attention_masks(positions)
         c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
-        x = torch.cat([emb, (c_in * z).to(emb.dtype)], dim=1)
+        x = torch.cat([emb, self.noisy_rows(emb, c_in * z)], dim=1)
         pos2 = torch.cat([positions, positions + 1], dim=1)
-        x = self.run_block(x, c, block, attention_masks, pos2)
+        x = self.run_block(x, self.row_conditioning(c), block, attention_masks, pos2)
         return self.denoised_readout(x[:, n:], z, c_skip, c_out, c, skip_lm_head)
 
     def noise_conditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """σ [B] → ``(c_skip, c_out, c_in)`` [B, 1, 1] (fp32) and the adaLN input c [B, D]."""
+        """σ [B] → ``(c_skip, c_out, c_in)`` [B, 1, 1] (fp32) and the adaLN input c [B, C]."""
         c_skip, c_out, c_in, c_noise = (c[:, None, None] for c in precondition(sigma.float(), self.edm))
         return c_skip, c_out, c_in, self.conditioning(c_noise.flatten())
 
+    def noisy_rows(self, emb: torch.Tensor, scaled_z: torch.Tensor) -> torch.Tensor:
+        """The noisy slots' input rows [B, M, D] (:class:`NoisySlot` ``noisy_input``) from the context
+        embeddings emb [B, M, D] of the tokens they follow and ``c_in·z`` [B, M, D] (fp32)."""
+        u = (self.slot.noisy_scale * scaled_z).to(emb.dtype)
+        if self.slot.noisy_input == "c_in":
+            return u
+        return emb + (u if self.noisy_proj is None else self.noisy_proj(u))
+
+    def clean_conditioning(self, c: torch.Tensor) -> torch.Tensor:
+        """The clean rows' c [B, C]: the slots' own c, or c at σ_min (``clean_cond``)."""
+        if self.slot.clean_cond == "sigma":
+            return c
+        c_noise = precondition(torch.tensor([self.edm.sigma_min], device=c.device), self.edm)[3]
+        return self.conditioning(c_noise).expand_as(c)
+
+    def row_conditioning(self, c: torch.Tensor) -> torch.Tensor:
+        """c for the ``[clean | noisy]`` rows: c [B, C] for all, or [B, 2, C] (clean half, noisy half)."""
+        if self.slot.clean_cond == "sigma":
+            return c
+        return torch.stack([self.clean_conditioning(c), c], dim=1)
+
     def denoised_readout(self, x, z, c_skip, c_out, c, skip_lm_head: bool = False) -> torch.Tensor:
-        """Noisy-slot outputs x [B, M, D] → shared norm → ``D = c_skip·z + c_out·h`` → readout."""
-        h = self.norm(x)
+        """Noisy-slot outputs x [B, M, D] → ``D = c_skip·z + c_out·h`` (h = norm(x), or x itself with
+        ``readout_norm = "once"``) → readout (whose norm is the only one then)."""
+        h = self.norm(x) if self.slot.readout_norm == "twice" else x
         denoised = c_skip * z + c_out * h.float()
         return self.readout(denoised.to(h.dtype), c, skip_lm_head)
 
@@ -291,28 +367,35 @@ class DBlocksLlama(BlockDenoiser):
     def prefill(self, tokens: torch.Tensor, sigma: torch.Tensor, *, block: int, caches: list[KVCache]) -> None:
         """Cache the keys/values of the clean tokens [B, P] (positions 0..P−1) in ``block``'s layers
         at σ [B]; ``caches``: one empty :class:`KVCache` per layer of the block."""
-        c = self.noise_conditioning(sigma)[-1]
+        c = self.clean_conditioning(self.noise_conditioning(sigma)[-1])
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
         self.run_block_cached(self.tok_embeddings(tokens), c, block, caches, positions, keep=tokens.shape[1])
 
     def denoise_next(
-        self, token: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, *, block: int, caches: list[KVCache]
+        self, token: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, *, block: int, caches: list[KVCache],
+        append: bool = True,
     ) -> torch.Tensor:
         """Logits [B, V] of the noisy slot after the cached clean prefix (S tokens) and ``token`` [B]:
         the last row of :meth:`denoise` on prefix + token, for z [B, D] (fp32) at σ [B].
 
-        Two new rows run through ``block``: clean ``token`` at position S (its keys/values join the
-        cache) and the noisy slot ``c_in·z`` at position S + 1, which attends to the S + 1 clean
-        rows and itself.
+        ``append``: two new rows run through ``block``: clean ``token`` at position S (its keys/values
+        join the cache) and the noisy slot at position S + 1, which attends to the S + 1 clean rows and
+        itself. ``append=False`` (a later call for the same token, whose keys/values the cache already
+        holds): the noisy slot alone.
         """
         c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
         start = caches[0].length
         emb = self.tok_embeddings(token[:, None])
         z = z[:, None]
-        x = torch.cat([emb, (c_in * z).to(emb.dtype)], dim=1)
-        positions = torch.arange(start, start + 2, device=token.device)[None]
-        x = self.run_block_cached(x, c, block, caches, positions, keep=1)
-        return self.denoised_readout(x[:, 1:], z, c_skip, c_out, c)[:, 0]
+        noisy = self.noisy_rows(emb, c_in * z)
+        if append:
+            x, cond = torch.cat([emb, noisy], dim=1), self.row_conditioning(c)
+            positions = torch.arange(start, start + 2, device=token.device)[None]
+        else:
+            x, cond = noisy, c
+            positions = torch.full((1, 1), start, device=token.device)
+        x = self.run_block_cached(x, cond, block, caches, positions, keep=int(append))
+        return self.denoised_readout(x[:, -1:], z, c_skip, c_out, c)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,16 +413,29 @@ FLAVORS = {
 }
 
 
-def flavor_config(flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> DBlocksLlama.Config:
+def flavor_config(
+    flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, n_layers: int | None = None,
+    conditioning: Conditioning | None = None, slot: NoisySlot | None = None,
+) -> DBlocksLlama.Config:
     """The AR DiffusionBlocks decoder of a flavor: FlexAttention + BlockMask ("flex", GPU) or
-    :class:`CleanNoisySDPA` ("sdpa", CPU)."""
+    :class:`CleanNoisySDPA` ("sdpa", CPU); conditioning and noisy-slot options as given."""
     inner = FlexAttention.Config() if resolve_attn_backend(attn_backend) == "flex" else CleanNoisySDPA.Config()
-    return DBlocksLlama.Config(**decoder_parts(adaln=True, inner_attention=inner, **flavor_kwargs(FLAVORS, flavor, vocab_size)))
+    kwargs = flavor_kwargs(FLAVORS, flavor, vocab_size, n_layers)
+    slot = slot or NoisySlot()
+    proj = None
+    if slot.noisy_input == "token_proj":
+        proj = Linear.Config(in_features=kwargs["dim"], out_features=kwargs["dim"], bias=False,
+                             param_init={"weight": ZERO_INIT["weight"]})
+    return DBlocksLlama.Config(**decoder_parts(adaln=True, inner_attention=inner, conditioning=conditioning, **kwargs),
+                               slot=slot, noisy_proj=proj)
 
 
-def baseline_config(flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None) -> Llama3Model.Config:
+def baseline_config(
+    flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, n_layers: int | None = None,
+) -> Llama3Model.Config:
     """titan's end-to-end Llama3Model with the flavor's shape (the twin of every AR run): titan's
     FlexAttention with block-causal masks on a GPU, its causal SDPA on CPU."""
     flex = resolve_attn_backend(attn_backend) == "flex"
     inner = FlexAttention.Config() if flex else ScaledDotProductAttention.Config()
-    return Llama3Model.Config(**decoder_parts(adaln=False, inner_attention=inner, **flavor_kwargs(FLAVORS, flavor, vocab_size)))
+    return Llama3Model.Config(
+        **decoder_parts(adaln=False, inner_attention=inner, **flavor_kwargs(FLAVORS, flavor, vocab_size, n_layers)))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dblocks_titan.models.block_denoiser import BlockDenoiser, decoder_parts, flavor_kwargs, MaskedSDPA
+from dblocks_titan.models.block_denoiser import BlockDenoiser, Conditioning, decoder_parts, flavor_kwargs, MaskedSDPA
 
 
 HEAD_POSITIONS_PER_TOKEN = 0.5
@@ -98,8 +98,10 @@ MASK_IDS = {"debugmodel": 27, "text8": 27, "owt": 50257}
 
 
 def mdlm_config(
-    flavor: str, *, end_to_end: bool, vocab_size: int | None = None, mask_id: int | None = None
+    flavor: str, *, end_to_end: bool, vocab_size: int | None = None, n_layers: int | None = None,
+    mask_id: int | None = None, conditioning: Conditioning | None = None,
 ) -> MDLM.Config:
     """The masked-diffusion model of a flavor; bidirectional SDPA (flash on GPU), no mask."""
-    parts = decoder_parts(adaln=True, inner_attention=MaskedSDPA.Config(), **flavor_kwargs(FLAVORS, flavor, vocab_size))
+    parts = decoder_parts(adaln=True, inner_attention=MaskedSDPA.Config(), conditioning=conditioning,
+                          **flavor_kwargs(FLAVORS, flavor, vocab_size, n_layers))
     return MDLM.Config(**parts, mask_id=MASK_IDS[flavor] if mask_id is None else mask_id, end_to_end=end_to_end)

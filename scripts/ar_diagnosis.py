@@ -1,0 +1,274 @@
+"""Why the AR DiffusionBlocks model learns context or not: the diagnosis and ablation behind
+results/ar_diagnosis.md (issue 13), on the default CPU pair (embedded corpus and BPE, debugmodel).
+
+    python scripts/ar_diagnosis.py                    # train what is missing, evaluate, write the report
+    python scripts/ar_diagnosis.py --only db_paper    # some runs only (their report rows)
+    python scripts/ar_diagnosis.py --report-only      # re-evaluate the runs already trained
+
+Each run is ``python -m dblocks_titan.train`` on a TOML written to ``OUT/<run>/config.toml`` (a
+shipped config with the run's ``[model]`` / ``[dblocks]`` / ``[training]`` changes), one process,
+a checkpoint at its last step; a run whose checkpoint exists is not trained again. Every checkpoint
+is then evaluated here on the first ``--batches`` held-out batches (the validator's split):
+
+- DiffusionBlocks: CE at σ_max (block 0 from pure noise; mean ± std over ``--draws`` noise draws),
+  sampler CE CE_S for S = 1, 4, 16 (two seeds; soft bridge, N = B levels, Euler), and the CE of every
+  block at every σ of a grid over [σ_min, σ_max] (one seed);
+- titan twins (8, 2 and 1 layers): their next-token CE;
+- the unigram CE of the same batches (train-split frequencies, add-one): every CE stands beside it.
+
+The variants: ``db_paper`` is the recipe as the paper and this project's first version had it
+(per-layer adaLN on a full-width conditioning vector, adaLN-Zero gates, c_noise × 1000, the slot
+input c_in·z, the final norm twice, global depth init, no σ_max share); each ``db_<fix>`` changes one
+thing from it; ``db_default`` is the shipped default (train_configs/debug_dblocks.toml as is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import dblocks_titan  # noqa: E402,F401
+from dblocks_titan import ar_eval  # noqa: E402
+from dblocks_titan.checkpoints import checkpoint_dir  # noqa: E402
+from dblocks_titan.diffusion import sample_sigma, widened_range, block_sigma_range  # noqa: E402
+from dblocks_titan.eval import heldout_batches, load_plain_model  # noqa: E402
+from dblocks_titan.toml_config import load_toml, tomllib  # noqa: E402
+
+DB_TOML = ROOT / "train_configs/debug_dblocks.toml"
+TWIN_TOML = ROOT / "train_configs/debug_llama_baseline.toml"
+PAPER = {"cond_dim": 128, "adaln": "per_layer", "gate_init": 0.0, "time_scale": 1000.0, "depth_init": "global",
+         "noisy_input": "c_in", "noisy_scale": 1.0, "readout_norm": "twice", "clean_cond": "sigma"}
+"""The first version's [model] options at debugmodel (d = 128: a full-width conditioning vector)."""
+
+
+@dataclass
+class Run:
+    name: str
+    what: str
+    base: Path = DB_TOML
+    model: dict = field(default_factory=dict)
+    dblocks: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def dblocks_model(self) -> bool:
+        return self.base == DB_TOML
+
+
+def paper(**changes) -> dict:
+    return {**PAPER, **changes}
+
+
+RUNS = [
+    Run("twin8", "titan llama3, 8 layers (the e2e twin), 150 steps", TWIN_TOML),
+    Run("twin2", "titan llama3, 2 layers (block 0's depth), 150 steps", TWIN_TOML, model={"n_layers": 2}),
+    Run("twin1", "titan llama3, 1 layer, 150 steps", TWIN_TOML, model={"n_layers": 1}),
+    Run("db_paper", "the paper's recipe (this project's first version)", model=paper()),
+    Run("db_cond64", "conditioning width 64 (dim/6 rounded up to 64)", model=paper(cond_dim=64)),
+    Run("db_single", "adaLN-single (cond 64)", model=paper(cond_dim=64, adaln="single")),
+    Run("db_gate1", "gates start at 1 (plain pre-norm layers)", model=paper(gate_init=1.0)),
+    Run("db_time1", "c_noise fed as is (no ×1000)", model=paper(time_scale=1.0)),
+    Run("db_token", "slot input E[x_i] + c_in·z", model=paper(noisy_input="token")),
+    Run("db_token_proj", "slot input E[x_i] + W·c_in·z (W zero-init)", model=paper(noisy_input="token_proj")),
+    Run("db_scale01", "slot input 0.1·c_in·z", model=paper(noisy_scale=0.1)),
+    Run("db_norm_once", "one final norm", model=paper(readout_norm="once")),
+    Run("db_depth_block", "per-block depth init", model=paper(depth_init="per_block")),
+    Run("db_sigmamax", "25% of block 0's samples at σ_max", model=paper(), dblocks={"sigma_max_share": 0.25}),
+    Run("db_clean_min", "clean half conditioned at σ_min", model=paper(clean_cond="sigma_min")),
+    Run("db_default", "the shipped default (train_configs/debug_dblocks.toml)"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Training (subprocesses)
+# --------------------------------------------------------------------------------------------
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def dump_toml(table: dict, prefix: str = "") -> str:
+    """A TOML text of ``table`` (scalars, lists and nested tables): enough for our config files."""
+    scalars = [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    out = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += ["", dump_toml(v, f"{prefix}.{k}" if prefix else k)]
+    return "\n".join(out)
+
+
+def run_table(run: Run, seed: int, dump: Path) -> dict:
+    table = tomllib.loads(run.base.read_text())
+    table["job"] = {**table.get("job", {}), "dump_folder": str(dump)}
+    table["model"] = {**table["model"], **run.model}
+    table["training"] = {**table["training"], **run.training}
+    table["debug"] = {**table.get("debug", {}), "seed": seed}
+    if run.dblocks_model:
+        table["dblocks"] = {**table["dblocks"], **run.dblocks, "seed": seed}
+    table["checkpoint"] = {**table.get("checkpoint", {}), "enable": True, "interval": 10**6}
+    return table
+
+
+def run_dir(out: Path, run: Run, seed: int) -> Path:
+    return out / f"{run.name}_s{seed}"
+
+
+def train(run: Run, seed: int, out: Path) -> Path:
+    dump = run_dir(out, run, seed)
+    if (dump / "checkpoint").is_dir() and any((dump / "checkpoint").glob("step-*/.metadata")):
+        return dump
+    dump.mkdir(parents=True, exist_ok=True)
+    (dump / "config.toml").write_text(dump_toml(run_table(run, seed, dump)) + "\n")
+    start = time.time()
+    cmd = [sys.executable, "-m", "dblocks_titan.train", "--job.config_file", str(dump / "config.toml")]
+    with open(dump / "train.log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    print(f"trained {dump.name} in {time.time() - start:.0f} s", flush=True)
+    return dump
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation (in process, plain models)
+# --------------------------------------------------------------------------------------------
+
+
+SIGMA_GRID = [0.002, 0.01, 0.05, 0.13, 0.3, 0.68, 1.5, 4.0, 10.0, 25.0, 80.0]
+
+
+def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: int) -> dict:
+    config = load_toml(dump / "config.toml")
+    config.model_spec.model.update_from_config(config=config)
+    step_dir = checkpoint_dir(str(dump), config.checkpoint.folder, -1)
+    model = load_plain_model(config.model_spec.model, step_dir, torch.device("cpu"))
+    out = {"unigram_ce": ar_eval.unigram_ce(unigram, batches), "step": int(Path(step_dir).name.split("-")[1])}
+    if not run.dblocks_model:
+        total, count = 0.0, 0
+        for input_dict, labels in batches:
+            logits = ar_eval.sampling.baseline_logits(model, input_dict["input"])
+            valid = labels != -100
+            total += float(torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"))
+            count += int(valid.sum())
+        out["ce"] = total / count
+        return out
+    out["ce_sigma_max"] = ar_eval.sigma_max_ce(model, batches, draws=draws, seed=0)
+    out["sampler_ce"] = ar_eval.sampler_ce(model, batches, samples=(1, 4, 16), seeds=(0, 1))
+    out["block_sigma_ce"] = ar_eval.block_sigma_ce(model, batches, sigmas=SIGMA_GRID, seed=0)
+    return out
+
+
+def training_support(num_blocks: int, gamma: float, edm) -> list[dict]:
+    """Each block's widened training range and the share of its draws above σ = 40."""
+    rows = []
+    for b in range(num_blocks):
+        lo, hi = widened_range(*block_sigma_range(b, num_blocks, edm), gamma, edm)
+        draws = sample_sigma(b, num_blocks, 200_000, gamma, edm, generator=torch.Generator().manual_seed(0))
+        rows.append({"block": b, "lo": lo, "hi": hi, "p_above_40": float((draws > 40).double().mean())})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    s = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def write_report(results: dict, support: list[dict], args, out_md: Path) -> None:
+    lines = ["# AR DiffusionBlocks: diagnosis and ablation (default CPU pair)", "",
+             f"Made by `python scripts/ar_diagnosis.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {os.cpu_count()} CPU "
+             f"cores ({time.strftime('%Y-%m-%d')}). debugmodel (8 × 128), embedded corpus and 4096-token BPE; "
+             f"DB runs 600 steps (B = 4, γ = 0.1), twins 150 steps. Evaluated on the first {args.batches} "
+             "held-out batches (8 × 128 tokens each) of the validation works; ± is the std over "
+             "seeds (two training seeds per row unless marked).", ""]
+    unigram = next(iter(results.values()))[0]["unigram_ce"]
+    lines += [f"**Unigram CE of these batches: {unigram:.3f}** (train-split token frequencies, add-one).", ""]
+    lines += ["## Ablation", "",
+              "| run | what | CE at σ_max | sampler CE S=1 | S=4 | S=16 | twin CE |",
+              "|---|---|---|---|---|---|---|"]
+    for name, per_seed in results.items():
+        run = next(r for r in RUNS if r.name == name)
+        if run.dblocks_model:
+            cells = [mean_std([r["ce_sigma_max"]["mean"] for r in per_seed])]
+            cells += [mean_std([r["sampler_ce"][f"S={k}"]["mean"] for r in per_seed]) for k in (1, 4, 16)]
+            cells.append("")
+        else:
+            cells = ["", "", "", "", mean_std([r["ce"] for r in per_seed])]
+        lines.append(f"| {name} | {run.what} | " + " | ".join(cells) + " |")
+    lines += ["", "CE at σ_max: mean over the noise draws of each run (std over draws within a run: "
+              + ", ".join(f"{n} {per[0]['ce_sigma_max']['std']:.3f}" for n, per in results.items()
+                          if 'ce_sigma_max' in per[0]) + ").", ""]
+    lines += ["## Each block's CE against σ (first seed)", "",
+              "| run | block | " + " | ".join(f"σ={s:g}" for s in SIGMA_GRID) + " |",
+              "|---|---|" + "---|" * len(SIGMA_GRID)]
+    for name, per_seed in results.items():
+        if "block_sigma_ce" in per_seed[0]:
+            for b, row in enumerate(per_seed[0]["block_sigma_ce"]):
+                lines.append(f"| {name} | {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    lines += ["", "## The σ each block trains on (B = 4, γ = 0.1, the paper's log-normal)", "",
+              "| block | widened range | P(σ > 40) |", "|---|---|---|"]
+    lines += [f"| {r['block']} | [{r['lo']:.4g}, {r['hi']:.4g}] | {r['p_above_40']:.1e} |" for r in support]
+    out_md.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs/ar_diagnosis")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--only", nargs="+", default=None, help="run names (default: all)")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--results", type=Path, default=ROOT / "results/ar_diagnosis.md")
+    args = parser.parse_args()
+    runs = [r for r in RUNS if args.only is None or r.name in args.only]
+    for run, seed in itertools.product(runs, args.seeds):
+        if not args.report_only:
+            train(run, seed, args.out)
+    config = load_toml(DB_TOML)
+    tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+    batches = list(itertools.islice(heldout_batches(config, tokenizer), args.batches))
+    unigram = ar_eval.unigram_model("shakespeare", None, tokenizer, 10**9)
+    results = {}
+    for run in runs:
+        per_seed = []
+        for seed in args.seeds:
+            dump = run_dir(args.out, run, seed)
+            if (dump / "checkpoint").is_dir():
+                per_seed.append(evaluate(dump, run, batches, unigram, args.draws))
+        if per_seed:
+            results[run.name] = per_seed
+            print(run.name, json.dumps({k: v for k, v in per_seed[0].items() if k != "block_sigma_ce"}), flush=True)
+    support = training_support(config.dblocks.num_blocks, config.dblocks.gamma, config.dblocks.edm)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.with_suffix(".json").write_text(json.dumps({"results": results, "support": support}, indent=1))
+    write_report(results, support, args, args.results)
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
