@@ -140,3 +140,25 @@ def test_checkpoints_load_in_the_other_mode(tmp_path, first, then):
              "--dump_folder", str(tmp_path / "blocks"), "--eval.prompts", "0"])
         result = json.loads((tmp_path / "blocks/checkpoint/eval_step3.json").read_text())
         assert result["step"] == 3 and len(result["ce_per_block"]) == 2 and 0 < result["ce"] < 8.32
+
+
+def test_block_parallel_config_has_its_own_budget():
+    """owt_dblocks_blockparallel.toml: owt_dblocks.toml's model, data and objective, in block-parallel mode,
+    with the baseline's steps and warm-up (every block trains at every step) and B x its global batch (each
+    group the baseline's batch); it is also a config function for titan's launcher."""
+    from dblocks_titan import config_registry
+    from dblocks_titan.toml_config import load_toml
+
+    bp, seq, e2e = (load_toml(config_registry.TRAIN_CONFIGS / f"{n}.toml")
+                    for n in ("owt_dblocks_blockparallel", "owt_dblocks", "owt_llama_baseline"))
+    B = bp.dblocks.num_blocks
+    assert (bp.dblocks.parallel, bp.dblocks.shared_grads, seq.dblocks.parallel) == ("blocks", "world", "sequential")
+    spec = lambda c: (c.model_spec.name, c.model_spec.flavor, len(c.model_spec.model.layers), c.model_spec.model.dim)  # noqa: E731
+    assert spec(bp) == spec(seq) and bp.dataloader.dataset == seq.dataloader.dataset
+    assert (bp.dblocks.gamma, bp.dblocks.weighting, B) == (seq.dblocks.gamma, seq.dblocks.weighting, seq.dblocks.num_blocks)
+    assert bp.training.steps == e2e.training.steps == seq.training.steps // B
+    assert bp.lr_scheduler.warmup_steps == e2e.lr_scheduler.warmup_steps == seq.lr_scheduler.warmup_steps // B
+    assert bp.training.global_batch_size == B * e2e.training.global_batch_size
+    assert bp.training.steps * bp.training.global_batch_size == seq.training.steps * seq.training.global_batch_size
+    assert not bp.validator.enable
+    assert config_registry.owt_dblocks_blockparallel().dblocks.parallel == "blocks"
