@@ -172,6 +172,10 @@ def owt_dblocks() -> Trainer.Config:
     return from_train_config("owt_dblocks")
 
 
+def owt_dblocks_blockparallel() -> Trainer.Config:
+    return from_train_config("owt_dblocks_blockparallel")
+
+
 def owt_llama_baseline() -> Trainer.Config:
     return from_train_config("owt_llama_baseline")
 

@@ -13,9 +13,18 @@ layer, per-layer ``torch.compile``, then FSDP2 with every transformer layer its 
   mesh is (B groups) × (W/B ranks) and group g = the ranks with replicate index g. Each rank keeps
   only block g's layers (:func:`keep_block`; the others are deleted on the meta device, so they are
   never materialised) and FSDP2-shards the model within its group only (the ``fsdp`` sub-mesh): no
-  parameter, activation or gradient collective crosses groups here. The trainer reduces the shared
-  modules' gradients over the world when ``dblocks.shared_grads = "world"``
-  (:meth:`dblocks_titan.trainer.DBlocksTrainer._finish_block_parallel_grads`).
+  parameter, activation or gradient collective crosses groups here. With ``dblocks.shared_grads =
+  "world"`` the trainer then averages the shared modules' gradients over the groups, after clipping each
+  group's gradient by its own norm (:meth:`dblocks_titan.trainer.DBlocksTrainer._finish_block_parallel_grads`):
+  ONE all-reduce of one flat bucket across the groups (:func:`average_over_group`) per step.
+
+  Why not HSDP's own in-backward all-reduce (a ``(dp_replicate, dp_shard)`` mesh for the shared units):
+  it sums the groups' shared gradients inside the backward, as each unit finishes, before the group's
+  norm (which needs every gradient of the group, the embeddings' last) is known, so the per-group clip
+  that makes block-parallel train the sequential objective could no longer precede the average. One
+  bucket after the backward sends the same bytes as HSDP's per-unit all-reduces, in one call instead of
+  one per tensor, but it cannot hide behind the backward as HSDP's can on a GPU (measured bytes:
+  ``scripts/bench_per_rank.py --comm``, ``results/comm_per_rank.md``).
 """
 
 from __future__ import annotations
@@ -33,6 +42,24 @@ from dblocks_titan import compat
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: in-place ops reach the DTensor), a plain tensor as is."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters outside ``model.layers`` (embeddings, head, time embedder, final norm and adaLN),
+    in ``named_parameters`` order, which is the same on every rank whichever block it holds."""
+    return [(name, p) for name, p in model.named_parameters() if not name.startswith("layers.")]
+
+
+@torch.no_grad()
+def average_over_group(tensors: list[torch.Tensor], group) -> None:
+    """Replace every tensor by its mean over the ranks of ``group``, in ONE all-reduce: the tensors are
+    packed into one flat bucket (as FSDP2 packs a unit's gradients for its reduce-scatter), summed (gloo
+    has no AVG), divided by the group's size and unpacked. Every rank passes tensors of the same shapes
+    in the same order."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat, group=group)
+    flat.div_(group.size())
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
 
 
 def keep_block(model: torch.nn.Module, block: int) -> None:

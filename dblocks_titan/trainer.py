@@ -3,7 +3,8 @@
 What it overrides, and nothing else:
 - ``train_step``: picks the step's block from the :class:`BlockSchedule` (same on every rank
   and micro-batch), then runs titan's step (gradient accumulation, clipping, optimizer, LR,
-  logging, non-finite check); afterwards logs the block, its CE and a per-block running CE.
+  logging, non-finite check); afterwards queues the block and its CE for the per-block log
+  (:meth:`_log_block_step`: no host sync on the hot path, one flush every ``metrics.log_freq`` steps).
 - ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
   masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
   backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned.
@@ -12,8 +13,9 @@ What it overrides, and nothing else:
 Block-parallel mode (``dblocks.parallel = "blocks"``, :mod:`dblocks_titan.parallelize`): the world is
 split into B rank groups and group g trains block g at every step, holding only block g's layers
 (and their optimizer state) plus the shared modules. What changes here: the mesh gets
-``dp_replicate = B``; each group's gradients are renormalised to its own tokens and, with
-``shared_grads = "world"``, clipped by one norm over all blocks (:meth:`_finish_block_parallel_grads`);
+``dp_replicate = B``; each group's gradients are renormalised to its own tokens and clipped by its own
+norm, and with ``shared_grads = "world"`` the shared modules' gradients are then averaged over the
+groups, so that a step trains the sequential mode's objective (:meth:`_finish_block_parallel_grads`);
 the shared modules start identical on every group (broadcast from group 0). The in-training
 validator needs every block (AR: block 0; NELBO: all t ranges), so it is switched off with a
 warning; evaluate the checkpoints, which load into either mode, with ``python -m dblocks_titan.eval``.
@@ -37,7 +39,6 @@ from typing import Any, Literal
 
 import torch
 from torch.distributed.checkpoint.state_dict import _init_optim_state
-from torch.distributed.tensor import DTensor
 
 from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.distributed import utils as dist_utils
@@ -50,7 +51,7 @@ from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
 from dblocks_titan.offload import InactiveOptimizerOffload
-from dblocks_titan.parallelize import local_tensor, parallelize_dblocks
+from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
 from dblocks_titan.toml_config import check_inputs, InputError
 
 
@@ -126,9 +127,15 @@ class DBlocksConfig:
 def configure_block_parallel(config) -> None:
     """Block-parallel set-up, before titan builds anything: one-line errors for a world size that B
     does not divide or a user-set replicate degree; ``dp_replicate = B`` (group g = replicate index
-    g); the validator off (it needs every block); titan's clip off with ``shared_grads = "world"``
-    (it would clip each group by its own norm, the trainer clips by the world's); the parallelize
-    function in block-parallel mode."""
+    g); the validator off (it needs every block); titan's clip off (it runs after the step's last
+    backward, too late: the trainer clips each group before the cross-group average, see
+    :meth:`DBlocksTrainer._finish_block_parallel_grads`); the parallelize function in block-parallel mode.
+
+    Budget: all B blocks advance at every step, so the baseline's steps and warm-up give each block the
+    baseline's number of updates (the sequential mode needs B× both); with B× the baseline's global
+    batch each group takes the baseline's batch for its block (``train_configs/owt_dblocks_blockparallel.toml``).
+    A block-parallel run given a sequential budget trains every block B× too long: nothing here can tell
+    the two apart (a step count is just a number), so the configs and the README state the convention."""
     world, num_blocks = int(os.environ.get("WORLD_SIZE", "1")), config.dblocks.num_blocks
     parallelism = config.parallelism
     if world % num_blocks:
@@ -144,8 +151,7 @@ def configure_block_parallel(config) -> None:
     if parallelism.spmd_backend != "partial_dtensor":
         raise InputError("dblocks.parallel = 'blocks' runs with parallelism.spmd_backend = 'partial_dtensor'.")
     parallelism.data_parallel_replicate_degree = num_blocks
-    if config.dblocks.shared_grads == "world":  # the trainer clips by the world's norm itself
-        config.training.max_norm = math.inf
+    config.training.max_norm = math.inf  # the trainer clips each group itself, before the average
     if config.validator.enable:
         logger.warning(
             "dblocks.parallel = 'blocks': the validator needs every block and is switched off; "
@@ -161,15 +167,8 @@ def configure_block_parallel(config) -> None:
 def broadcast_shared_modules(model: torch.nn.Module, group) -> None:
     """Give every group group 0's shared modules (initialisation consumes the RNG differently on
     ranks that hold different layers). Shards match across groups, so the local shards are sent."""
-    for name, param in model.named_parameters():
-        if not name.startswith("layers."):
-            torch.distributed.broadcast(local_tensor(param), group=group, group_src=0)
-
-
-def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """‖grads‖² over the group that shards them (0 for an empty list)."""
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, False, True)
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    for _, param in shared_parameters(model):
+        torch.distributed.broadcast(local_tensor(param), group=group, group_src=0)
 
 
 class DBlocksTrainer(Trainer):
@@ -234,7 +233,9 @@ class DBlocksTrainer(Trainer):
         self.first_loss: dict[int, float] = {}
         self._step_loss = torch.zeros((), device=self.device)
         self._local_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._group_scale = 1.0
+        self._group_scale = torch.ones((), device=self.device)
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, block, loss on the device)
+        self._trace_started = False
         self._microbatch = 0
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._rank = rank
@@ -282,52 +283,91 @@ class DBlocksTrainer(Trainer):
         return logged
 
     def _finish_block_parallel_grads(self, global_valid_tokens: torch.Tensor) -> None:
-        """After the step's last backward, block-parallel only.
+        """After the step's last backward, block-parallel only. Three steps, no host sync:
 
-        titan normalised every rank's loss by the world's token count T, and FSDP reduced the
-        gradients within the group: group g's gradients are ``Σ_{r∈g} ∇ℓ_r / T``. Its block must be
-        normalised by the group's own count T_g, so every gradient is multiplied by T/T_g (= B for
-        equal batches). With ``shared_grads = "world"`` the shared modules' gradients are then averaged
-        over the groups (an all-reduce of the matching local shards, /B), which is the expectation
-        over blocks that the sequential mode's random block estimates, and all gradients are clipped
-        by ONE norm, ``‖g‖² = Σ_groups ‖block_g‖² + ‖shared‖²``, at the configured max_norm, so every
-        group scales its identical shared gradients identically (titan's own clip, which would see
-        only this group's norm, runs at max_norm = ∞). ``group``: titan clips each group's model alone.
+        1. Renormalise: titan divided every rank's loss by the world's token count T and FSDP reduced
+           the gradients within the group, so group g holds ``Σ_{r∈g} ∇ℓ_r / T``; multiplying by T/T_g
+           (= B for equal batches) gives the gradient of the group's own mean loss, G_g.
+        2. Clip G_g = (block g's gradient, the shared modules' gradient) by ITS OWN norm, titan's
+           ``clip_grad_norm_`` at ``training.max_norm`` over the group: Ĝ_g = min(1, M/‖G_g‖)·G_g, exactly
+           what a sequential step on block g with the group's batch and noise applies.
+        3. ``shared_grads = "world"``: replace the shared part by its mean over the groups,
+           (1/B)·Σ_g Ĝ_g[shared], in one flat all-reduce (:func:`average_over_group`). ``group``: no
+           cross-group traffic; every group keeps its own shared modules.
+
+        What is then equal, and what only in expectation (tested: ``tests/test_block_parallel.py``):
+        - block g's gradient is the sequential step's on block g (same batch, same noise), and the shared
+          gradient is the MEAN over blocks of the sequential steps' shared gradients, each clipped by its
+          own block's norm; so every block has an equal say on the shared modules, as in the sequential
+          mode, whatever its loss scale (``batch_mean`` gradient norms span ~8 to ~560 across B = 4
+          blocks: clipping their mean once would let the low-σ blocks set the shared update);
+        - the sequential (random) schedule's shared gradient, Ĝ_b[shared] for one uniformly drawn b, has
+          that mean as its expectation over the block draw: equal in expectation only. AdamW sees the
+          mean of B clipped gradients in one step instead of one clipped gradient per step (lower
+          variance in its moments), and every block takes an update at every step, so block-parallel
+          reaches a block's k-th update in k steps, not ~B·k (hence its own budget convention: see
+          :func:`configure_block_parallel`). A group's batch is W/B ranks' batches, so the sequential
+          run that matches it step for step has the group's global batch.
         """
         group_tokens = dist_utils.dist_sum_tensor(self._local_tokens, self.parallel_dims.get_mesh("fsdp"))
-        self._group_scale = float(global_valid_tokens) / float(group_tokens)
-        params = {n: p for n, p in self.model_parts[0].named_parameters() if p.grad is not None}
-        for param in params.values():
-            param.grad.mul_(self._group_scale)
+        self._group_scale = global_valid_tokens / group_tokens
+        params = [p for p in self.model_parts[0].parameters() if p.grad is not None]
+        torch._foreach_mul_([local_tensor(p.grad) for p in params], self._group_scale)
+        dist_utils.clip_grad_norm_(params, self.max_norm, foreach=True)
         if self.config.dblocks.shared_grads != "world":
             return
-        replicate = self.parallel_dims.get_mesh("dp_replicate").get_group()
-        shared = [p.grad for n, p in params.items() if not n.startswith("layers.")]
-        for grad in shared:
-            local = local_tensor(grad)
-            torch.distributed.all_reduce(local, group=replicate)
-            local.div_(self.config.dblocks.num_blocks)
-        if 0 < self.max_norm < math.inf:
-            blocks_sq = _squared_norm([p.grad for n, p in params.items() if n.startswith("layers.")])
-            torch.distributed.all_reduce(blocks_sq, group=replicate)
-            total = (blocks_sq + _squared_norm(shared)).sqrt()
-            torch.nn.utils.clip_grads_with_norm_(list(params.values()), self.max_norm, total, foreach=True)
+        shared = shared_parameters(self.model_parts[0])
+        missing = [name for name, p in shared if p.grad is None]
+        if missing:  # every group must send the same bucket
+            raise RuntimeError(f"block {self.block}: shared parameters without a gradient: {missing}")
+        average_over_group([local_tensor(p.grad) for _, p in shared], self.parallel_dims.get_mesh("dp_replicate").get_group())
 
     # -- per-block logging -----------------------------------------------------------------
 
     def _log_block_step(self) -> None:
-        loss = self._step_loss
-        if self.block_parallel:  # this group's block: its ranks' losses, renormalised to its tokens
-            loss = dist_utils.dist_sum(loss * self._group_scale, self.parallel_dims.get_mesh("fsdp"))
+        """Queue this step's loss, still on the device (no reduction, no host copy, no file write), and
+        flush the queue (:meth:`_flush_block_losses`) when titan logs (``metrics.log_freq``), at the
+        last step and at every step that saves a checkpoint (before the save, so the running losses in
+        the checkpoint and the trace on disk are complete up to it). Block-parallel: this group's
+        loss, renormalised to its own tokens."""
+        loss = self._step_loss * self._group_scale if self.block_parallel else self._step_loss.clone()
+        self._pending.append((self.step, self.block, loss))
+        last = self.step >= self.config.training.steps
+        # titan's own rule for "this step saves" (DCP CheckpointManager; private, but its save() asks it too)
+        saves = self.checkpointer._should_save(self.step, last_step=self.step == self.config.training.steps)
+        if last or saves or self.metrics_processor.should_log(self.step):
+            self._flush_block_losses()
+
+    def _flush_block_losses(self) -> None:
+        """One reduction of the queued losses (sum over the loss mesh; block-parallel: over the group),
+        one host copy, then, step by step: the non-finite check, the first and running loss per block,
+        one trace record each (one file write), and the metrics of a logging step.
+
+        A non-finite loss is therefore detected at the flush, up to ``metrics.log_freq`` steps after it
+        happened, but always before a checkpoint is saved (titan itself checks its loss on its logging
+        steps); the records before it are written, then training stops. A crash between flushes loses up
+        to ``log_freq`` trace records; they are the steps after the last checkpoint, which a resumed run
+        repeats (:meth:`_write_trace`)."""
+        if not self._pending:
+            return
+        steps, blocks, losses = zip(*self._pending)
+        self._pending.clear()
+        losses = torch.stack(losses)
+        if self.block_parallel:  # each group its own block's loss; a non-finite one stops every group
+            losses = dist_utils.dist_sum_tensor(losses, self.parallel_dims.get_mesh("fsdp"))
+            bad = dist_utils.dist_sum_tensor((~losses.isfinite()).float(), self.parallel_dims.get_optional_mesh("loss"))
+            losses = torch.where(bad > 0, math.nan, losses)
         elif self.parallel_dims.dp_cp_enabled:
-            loss = dist_utils.dist_sum(loss, self.parallel_dims.get_optional_mesh("loss"))
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"Loss is not finite ({loss}) at step {self.step}, block {self.block}. Stopping training.")
-        b, decay = self.block, self.config.dblocks.running_loss_decay
-        self.first_loss.setdefault(b, loss)
-        self.running_loss[b] = loss if b not in self.running_loss else decay * self.running_loss[b] + (1 - decay) * loss
-        self._write_trace({"step": self.step, "block": b, "loss": loss})
+            losses = dist_utils.dist_sum_tensor(losses, self.parallel_dims.get_optional_mesh("loss"))
+        records, decay = [], self.config.dblocks.running_loss_decay
+        for step, b, loss in zip(steps, blocks, losses.tolist()):
+            if not math.isfinite(loss):
+                self._write_trace(records)
+                raise RuntimeError(f"Loss is not finite ({loss}) at step {step}, block {b}. Stopping training.")
+            self.first_loss.setdefault(b, loss)
+            self.running_loss[b] = loss if b not in self.running_loss else decay * self.running_loss[b] + (1 - decay) * loss
+            records.append({"step": step, "block": b, "loss": loss})
+        self._write_trace(records)
         if not self.metrics_processor.should_log(self.step):
             return
         metrics = {"dblocks/block": b, "dblocks/loss": loss}
@@ -336,16 +376,30 @@ class DBlocksTrainer(Trainer):
         running = "  ".join(f"b{k}={v:.3f}" for k, v in sorted(self.running_loss.items()))
         logger.info(f"step: {self.step:2}  block: {b}  loss: {loss:.4f}  running loss per block: {running}")
 
-    def _write_trace(self, record: dict) -> None:
-        """Append to ``dump_folder/dblocks_trace/rank<r>.jsonl``. A fresh run (step 1) finding an old
-        trace moves it aside to ``rank<r>.jsonl.prev<k>`` instead of overwriting it."""
-        if self.step == 1:
-            move_aside(self._trace_path)
+    def _write_trace(self, records: list[dict]) -> None:
+        """Append records to ``dump_folder/dblocks_trace/rank<r>.jsonl`` (one line per step). The first
+        write of a process starting at step 1 (a fresh run) moves an old trace aside to
+        ``rank<r>.jsonl.prev<k>``; one starting at step s > 1 (a resume) drops the old trace's records of
+        steps ≥ s (written after the checkpoint by the run that stopped), so the trace keeps one record
+        per step."""
+        if not records:
+            return
+        if not self._trace_started:
+            self._trace_started = True
+            first = records[0]["step"]
+            if first == 1:
+                move_aside(self._trace_path)
+            elif os.path.exists(self._trace_path):
+                with open(self._trace_path) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] < first]
+                with open(self._trace_path, "w") as f:
+                    f.writelines(kept)
         with open(self._trace_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
     def train(self):
         super().train()
+        self._flush_block_losses()  # a run cut short (data exhausted) before its last step
         for b in sorted(self.running_loss):
             logger.info(
                 f"dblocks summary: block {b}: first loss {self.first_loss[b]:.4f} -> running loss {self.running_loss[b]:.4f}"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import platform
 import shlex
 import subprocess
@@ -693,3 +694,218 @@ def bar_chart(path: str, labels: list[str], series: dict[str, list[float]], *, y
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Collective accounting (bench_per_rank.py --comm)
+# --------------------------------------------------------------------------------------------
+
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
+
+
+def ring_bytes_sent(kind: str, payload_bytes: float, group_size: int) -> float:
+    """Bytes ONE rank sends for a collective over ``group_size`` ranks with ring algorithms (NCCL's bus
+    factors), ``payload_bytes`` being the full tensor: the gathered output (all-gather), the input before
+    the scatter (reduce-scatter), the reduced tensor (all-reduce), the broadcast tensor.
+
+    all-gather and reduce-scatter: each rank sends (k−1) of its k chunks, (k−1)/k·payload; all-reduce
+    = reduce-scatter + all-gather, 2(k−1)/k·payload; broadcast (pipelined ring): (k−1)/k·payload on
+    average over the ranks. A group of one rank sends nothing.
+    """
+    k = group_size
+    if kind not in COLLECTIVES:
+        raise ValueError(f"kind must be one of {COLLECTIVES}, got {kind!r}.")
+    return (2 if kind == "all_reduce" else 1) * (k - 1) / k * payload_bytes
+
+
+def block_group_scope(ranks: Iterable[int], ranks_per_group: int) -> str:
+    """"within" if every rank of a collective is in the same block group (ranks g·W/B … (g+1)·W/B − 1:
+    titan's (dp_replicate, dp_shard) order, replicate index = block), else "across"."""
+    return "within" if len({r // ranks_per_group for r in ranks}) == 1 else "across"
+
+
+def _payload(args: dict, tensor_arg: str, gathered: bool, group_size: int) -> tuple[int, int]:
+    """(numel, bytes) of the full tensor of a call (see :func:`ring_bytes_sent`)."""
+    value = args[tensor_arg]
+    tensors = value if isinstance(value, (list, tuple)) else [value]
+    numel = sum(t.numel() for t in tensors) * (group_size if gathered else 1)
+    return numel, numel * tensors[0].element_size()
+
+
+# name → (kind, argument holding the payload, payload = that argument × group size). Plain c10d calls
+# (``torch.distributed.*``: FSDP2's all-gather, reduce-scatter and HSDP all-reduce, the trainer's own
+# calls) and functional collectives (``_functional_collectives``: DTensor redistributions such as
+# ``full_tensor``, titan's ``dist_sum_tensor``).
+_C10D_CALLS = {
+    "all_reduce": ("all_reduce", "tensor", False), "all_reduce_coalesced": ("all_reduce", "tensors", False),
+    "broadcast": ("broadcast", "tensor", False), "all_gather": ("all_gather", "tensor_list", False),
+    "all_gather_single": ("all_gather", "output_tensor", False),
+    "all_gather_into_tensor": ("all_gather", "output_tensor", False),
+    "reduce_scatter": ("reduce_scatter", "input_list", False), "reduce_scatter_single": ("reduce_scatter", "input", False),
+    "reduce_scatter_tensor": ("reduce_scatter", "input", False),
+}
+_FUNCOL_CALLS = {
+    "all_reduce": ("all_reduce", "self", False), "all_reduce_coalesced": ("all_reduce", "self", False),
+    "broadcast": ("broadcast", "self", False),
+    **{name: ("all_gather", "self", True) for name in (
+        "all_gather_single", "all_gather_single_autograd", "all_gather_tensor", "all_gather_tensor_autograd",
+        "all_gather_single_coalesced", "all_gather_into_tensor_coalesced")},
+    **{name: ("reduce_scatter", "self", False) for name in (
+        "reduce_scatter_single", "reduce_scatter_single_autograd", "reduce_scatter_tensor",
+        "reduce_scatter_tensor_autograd", "reduce_scatter_single_coalesced", "reduce_scatter_tensor_coalesced")},
+}
+
+
+class CollectiveCounter:
+    """Every collective this process issues inside ``with counter:``, one record each:
+    ``{"kind", "call", "ranks", "numel", "bytes", "sent"}`` (payload as in :func:`ring_bytes_sent`;
+    ``sent`` = the bytes this rank sends, ring algorithms).
+
+    How: the Python entry points of c10d (``torch.distributed.all_gather_single`` …, which FSDP2 calls
+    by module attribute) and of the functional collectives (``funcol.all_reduce`` …, which DTensor and
+    titan call) are wrapped while the counter is active; a call made from inside another wrapped call
+    (a deprecated alias, a coalesced variant) is not counted twice. The process group of every call
+    gives its ranks. A caller that bound a collective by name at import would be missed, so the
+    profiler's record of the gloo/NCCL kernels that actually ran is kept beside (:meth:`kernel_numel`)
+    for a cross-check.
+    """
+
+    def __init__(self):
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
+
+        self.records: list[dict] = []
+        self._depth = 0
+        self._patches = [(module, name, spec) for module, calls in
+                         ((torch.distributed, _C10D_CALLS), (c10d, _C10D_CALLS), (funcol, _FUNCOL_CALLS))
+                         for name, spec in calls.items() if hasattr(module, name)]
+        self._saved: list[tuple] = []
+        self._profiler = None
+
+    def _ranks(self, group) -> tuple[int, ...]:
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
+
+        if group is None:
+            group = c10d._get_default_group()
+        elif not isinstance(group, torch.distributed.ProcessGroup):
+            group = c10d._resolve_process_group(funcol._resolve_group_name(group))
+        return tuple(torch.distributed.get_process_group_ranks(group))
+
+    def _wrap(self, fn, spec):
+        import inspect
+
+        kind, tensor_arg, gathered = spec
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                ranks = self._ranks(bound.arguments.get("group"))
+                numel, nbytes = _payload(bound.arguments, tensor_arg, gathered, len(ranks))
+                self.records.append({"kind": kind, "call": fn.__module__.rsplit(".", 1)[-1] + "." + fn.__name__,
+                                     "ranks": list(ranks), "numel": numel, "bytes": nbytes,
+                                     "sent": ring_bytes_sent(kind, nbytes, len(ranks))})
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def __enter__(self):
+        originals = {}
+        for module, name, spec in self._patches:
+            fn = getattr(module, name)
+            if id(fn) not in originals:  # torch.distributed.X and distributed_c10d.X are one function
+                originals[id(fn)] = self._wrap(fn, spec)
+            self._saved.append((module, name, fn))
+            setattr(module, name, originals[id(fn)])
+        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._profiler.__exit__(*exc)
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved.clear()
+        return False
+
+    def kernel_numel(self) -> int:
+        """Input elements that the gloo backend's collective kernels received, from the profiler's
+        ``gloo:all_gather`` (one rank's chunk), ``gloo:all_reduce`` and ``gloo:broadcast`` events. gloo
+        runs a reduce-scatter as an all-reduce of its whole input (so it logs no reduce-scatter event, and
+        sends 2× what a ring reduce-scatter sends: ``sent`` counts the ring's, what NCCL sends on a GPU).
+        Equal to :meth:`input_numel` when no collective escaped the wrappers."""
+        names = ("gloo:all_gather", "gloo:all_reduce", "gloo:broadcast")
+        return sum(math.prod(e.input_shapes[0]) for e in self._profiler.events() if e.name in names and e.input_shapes)
+
+    def input_numel(self) -> int:
+        """The same count from the wrapped calls (an all-gather's input = its payload / group size)."""
+        return sum(r["numel"] // len(r["ranks"]) if r["kind"] == "all_gather" else r["numel"] for r in self.records)
+
+
+SCALAR_NUMEL = 1024
+"""Collectives of at most this many elements (losses, norms, token counts) are "scalars", not
+parameter or gradient traffic."""
+
+
+def record_class(record: dict, layer_numel: int) -> str:
+    """"layers" (a transformer layer's FSDP unit: its gathered parameters or its gradients before the
+    scatter, ``layer_numel`` elements), "scalars" (≤ SCALAR_NUMEL elements), else "shared" (the shared
+    modules' units and the cross-group bucket of their gradients)."""
+    if record["numel"] <= SCALAR_NUMEL:
+        return "scalars"
+    return "layers" if record["numel"] == layer_numel else "shared"
+
+
+def comm_summary(records: list[dict], *, layer_numel: int, ranks_per_group: int) -> dict:
+    """One rank's step, summed: bytes it sends per (kind, scope) and per (kind, class), and payload
+    elements per (kind, class, scope) (for the per-parameter constants)."""
+    sent: dict[str, float] = defaultdict(float)
+    numel: dict[str, int] = defaultdict(int)
+    for r in records:
+        scope, cls = block_group_scope(r["ranks"], ranks_per_group), record_class(r, layer_numel)
+        sent[f"{r['kind']}/{scope}"] += r["sent"]
+        sent[scope] += r["sent"]
+        sent["total"] += r["sent"]
+        numel[f"{r['kind']}/{cls}/{scope}"] += r["numel"]
+    return {"sent": dict(sent), "numel": dict(numel)}
+
+
+@dataclasses.dataclass
+class CommShape:
+    """What the per-step collectives of a mode depend on: L layers of ``layer_numel`` parameters,
+    ``shared_numel`` shared-module parameters, ``active_layers`` layers run per step (per group)."""
+
+    layer_numel: int
+    n_layers: int
+    shared_numel: int
+    active_layers: int
+
+
+def fsdp_constants(numel: dict[str, int], shape: CommShape) -> dict[str, float]:
+    """Per-parameter constants of one measured FSDP2 step: payload elements of each collective kind per
+    parameter of the units that ran, for the layers and for the shared modules, e.g. ``all_gather/layers``
+    = 2 (gathered for the forward and again for the backward), ``reduce_scatter/shared`` = 1."""
+    per = {"layers": shape.active_layers * shape.layer_numel, "shared": shape.shared_numel}
+    constants = {}
+    for kind in ("all_gather", "reduce_scatter"):
+        for cls, params in per.items():
+            constants[f"{kind}/{cls}"] = sum(v for k, v in numel.items() if k.startswith(f"{kind}/{cls}/")) / params
+    return constants
+
+
+def fsdp_bytes_sent(constants: dict[str, float], *, layer_params: int, shared_params: int, group_size: int,
+                    param_bytes: int, reduce_bytes: int) -> float:
+    """Bytes one rank sends per step for FSDP2 over ``group_size`` ranks (ring), from the constants:
+    all-gathers in the parameter dtype, reduce-scatters in the reduce dtype."""
+    total = 0.0
+    for kind, dtype_bytes in (("all_gather", param_bytes), ("reduce_scatter", reduce_bytes)):
+        payload = constants[f"{kind}/layers"] * layer_params + constants[f"{kind}/shared"] * shared_params
+        total += ring_bytes_sent(kind, payload * dtype_bytes, group_size)
+    return total

@@ -11,10 +11,15 @@ Usage: rank_report.py OUT_DIR CONFIG STEPS [extra CLI overrides...]
 With DBLOCKS_FIXED_BATCHES=1 the data are random token batches (below [MASK] for masked
 diffusion) numbered by their global
 micro-batch index (step, rank, micro-batch), so one process accumulating 2 micro-batches sees
-exactly what 2 ranks taking one each see. With DBLOCKS_FIXED_BLOCK=b every step trains block b.
+exactly what 2 ranks taking one each see. With DBLOCKS_FIXED_BLOCK=b every step trains block b. With
+DBLOCKS_AS_RANK=r/W one process takes the batches and the noise of rank r of a W-rank run (e.g. to
+replay one block-parallel group's step sequentially). With DBLOCKS_COUNT_COMM=1 every collective of
+the last step is counted (``bench_common.CollectiveCounter``) into ``<out>/comm<r>.json``. A run resumed from a checkpoint (``--checkpoint.enable``
+with one under OUT_DIR) continues to step STEPS; checkpoints are saved at titan's interval.
 Used by the tests and by ``bench_per_rank.py``.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -36,14 +41,14 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def fixed_batches(trainer):
+def fixed_batches(trainer, rank: int, world: int):
     """Micro-batch k = (step − 1)·W·A + rank·A + j of uniform random tokens (W ranks, A accumulation)."""
-    world, accum = int(os.environ.get("WORLD_SIZE", "1")), trainer.gradient_accumulation_steps
-    rank, shape = int(os.environ.get("RANK", "0")), (trainer.config.training.local_batch_size, trainer.config.training.seq_len + 1)
+    accum = trainer.gradient_accumulation_steps
+    shape = (trainer.config.training.local_batch_size, trainer.config.training.seq_len + 1)
     vocab = getattr(trainer.model_config, "mask_id", trainer.model_config.vocab_size)  # clean text never holds [MASK]
-    for step in range(10**6):
-        for j in range(accum):
-            k = step * world * accum + rank * accum + j
+    while True:
+        for j in range(accum):  # drawn inside train_step, after trainer.step was advanced
+            k = (trainer.step - 1) * world * accum + rank * accum + j
             tokens = torch.randint(vocab, shape, generator=torch.Generator().manual_seed(k))
             trainer.metrics_processor.data_loading_times.append(0.0)  # what titan's batch_generator logs
             yield {"input": tokens[:, :-1]}, tokens[:, 1:]
@@ -68,11 +73,22 @@ def main() -> None:
         trainer.schedule.next = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
     before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    as_rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if "DBLOCKS_AS_RANK" in os.environ:
+        as_rank, world = (int(x) for x in os.environ["DBLOCKS_AS_RANK"].split("/"))
+        trainer._rank = as_rank  # the noise of that rank (DBlocksTrainer._noise_generator)
     fixed = os.environ.get("DBLOCKS_FIXED_BATCHES") == "1"
-    data = fixed_batches(trainer) if fixed else trainer.batch_generator(trainer.dataloader)
-    for _ in range(steps):
+    data = fixed_batches(trainer, as_rank, world) if fixed else trainer.batch_generator(trainer.dataloader)
+    counter = None
+    while trainer.step < steps:
         trainer.step += 1
-        trainer.train_step(data)
+        if trainer.step == steps and os.environ.get("DBLOCKS_COUNT_COMM") == "1":
+            from bench_common import CollectiveCounter  # scripts/ is this script's sys.path[0]
+
+            counter = CollectiveCounter()
+        with counter or contextlib.nullcontext():
+            trainer.train_step(data)
+        trainer.checkpointer.save(trainer.step)
     optim_bytes = sum(
         nbytes(v) for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
         if isinstance(v, torch.Tensor)
@@ -81,6 +97,7 @@ def main() -> None:
     report = {
         "block": getattr(trainer, "own_block", None),
         "param_bytes": {clean(n): nbytes(p) for n, p in model.named_parameters()},
+        "param_numel": {clean(n): p.numel() for n, p in model.named_parameters()},  # of the whole tensor
         "optimizer_bytes": optim_bytes,
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
         "changed": [clean(n) for n, p in model.named_parameters() if not local_tensor(p).equal(before[n])],
@@ -97,6 +114,10 @@ def main() -> None:
     torch.save(grads, os.path.join(out, f"grads{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    if counter is not None:
+        with open(os.path.join(out, f"comm{rank}.json"), "w") as f:
+            json.dump({"records": counter.records, "kernel_numel": counter.kernel_numel(),
+                       "input_numel": counter.input_numel()}, f)
     trainer.close()
     import torch.distributed as dist
 

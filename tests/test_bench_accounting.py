@@ -173,3 +173,83 @@ def test_memory_bench_module_categories():
     assert bm.category("layers.3.adaln") == "time"
     assert bm.category("norm") == "fnorm"
     assert bm.reference_of("DB MDLM, B=4") == bm.MDLM_REFERENCE and bm.reference_of("DB AR, B=4") == bm.REFERENCE
+
+
+# --- collective accounting (bench_per_rank.py --comm) ---------------------------------------------
+
+
+def test_ring_bytes_sent_by_hand():
+    # 4 ranks, a 400-byte tensor: all-gather / reduce-scatter send 3 of 4 chunks (300 B); all-reduce twice that
+    assert bc.ring_bytes_sent("all_gather", 400, 4) == 300
+    assert bc.ring_bytes_sent("reduce_scatter", 400, 4) == 300
+    assert bc.ring_bytes_sent("all_reduce", 400, 4) == 600
+    assert bc.ring_bytes_sent("all_reduce", 400, 1) == 0  # a group of one rank sends nothing
+    with pytest.raises(ValueError, match="kind must be one of"):
+        bc.ring_bytes_sent("scatter", 400, 4)
+
+
+def test_block_group_scope():
+    # 8 ranks, B = 4: block groups {0,1} {2,3} {4,5} {6,7}
+    assert bc.block_group_scope([2, 3], 2) == "within"
+    assert bc.block_group_scope([1, 3, 5, 7], 2) == "across"  # block-parallel's replicate group
+    assert bc.block_group_scope(range(8), 2) == "across"
+
+
+def record(kind, ranks, numel):
+    return {"kind": kind, "ranks": ranks, "numel": numel, "bytes": 4 * numel,
+            "sent": bc.ring_bytes_sent(kind, 4 * numel, len(ranks))}
+
+
+def test_comm_summary_and_constants_by_hand():
+    # one FSDP step over ranks {0, 1} of a model with 2 layers of 10000 parameters and 30001 shared ones
+    # (a 20000 unit gathered for the forward and the backward, a 10001 one gathered once, as titan's
+    # embeddings and [norm, head]): each layer gathered twice and scattered once, the shared units scattered
+    # once; then a cross-group all-reduce of the 30001 shared gradients over ranks {0, 2} and one scalar
+    records = [record("all_gather", [0, 1], 10000)] * 4 + [record("reduce_scatter", [0, 1], 10000)] * 2
+    records += [record("all_gather", [0, 1], 20000)] * 2 + [record("all_gather", [0, 1], 10001)]
+    records += [record("reduce_scatter", [0, 1], 20000), record("reduce_scatter", [0, 1], 10001)]
+    records += [record("all_reduce", [0, 2], 30001), record("all_reduce", [0, 2], 1)]
+    summary = bc.comm_summary(records, layer_numel=10000, ranks_per_group=2)
+    assert summary["numel"]["all_gather/layers/within"] == 40000
+    assert summary["numel"]["all_gather/shared/within"] == 50001
+    assert summary["numel"]["reduce_scatter/shared/within"] == 30001
+    assert summary["numel"]["all_reduce/shared/across"] == 30001 and summary["numel"]["all_reduce/scalars/across"] == 1
+    assert summary["sent"]["within"] == 0.5 * 4 * (40000 + 20000 + 50001 + 30001)  # (k−1)/k = 1/2 of the bytes
+    assert summary["sent"]["across"] == 4 * (30001 + 1)  # all-reduce over 2 ranks: 2·(1/2) of the bytes
+    shape = bc.CommShape(layer_numel=10000, n_layers=2, shared_numel=30001, active_layers=2)
+    constants = bc.fsdp_constants(summary["numel"], shape)
+    assert constants == {"all_gather/layers": 2.0, "all_gather/shared": 50001 / 30001,
+                         "reduce_scatter/layers": 1.0, "reduce_scatter/shared": 1.0}
+    # the same model on 8 ranks: bf16 gathers, fp32 scatters
+    sent = bc.fsdp_bytes_sent(constants, layer_params=20000, shared_params=30001, group_size=8, param_bytes=2,
+                              reduce_bytes=4)
+    assert sent == pytest.approx(7 / 8 * (2 * (2 * 20000 + 50001) + 4 * (20000 + 30001)))
+
+
+def test_collective_counter_counts_each_call_once_with_its_group(tmp_path):
+    """A one-rank gloo group in this process: c10d's deprecated all_gather_into_tensor (which calls
+    all_gather_single) counts once, functional collectives count, nothing is sent, and the gloo kernels the
+    profiler saw received exactly the counted elements."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
+    try:
+        original = dist.all_reduce
+        with bc.CollectiveCounter() as counter:
+            x = torch.ones(6)
+            dist.all_reduce(x)
+            dist.all_gather_into_tensor(torch.empty(6), x)
+            funcol.wait_tensor(funcol.all_reduce(torch.ones(5), "sum", dist.group.WORLD))
+            dist.broadcast(torch.ones(3), src=0)
+        assert dist.all_reduce is original  # unwrapped on exit
+        dist.all_reduce(x)  # not counted
+    finally:
+        dist.destroy_process_group()
+    calls = [(r["kind"], r["call"], r["ranks"], r["numel"], r["bytes"], r["sent"]) for r in counter.records]
+    assert calls == [("all_reduce", "distributed_c10d.all_reduce", [0], 6, 24, 0.0),
+                     ("all_gather", "distributed_c10d.all_gather_into_tensor", [0], 6, 24, 0.0),
+                     ("all_reduce", "_functional_collectives.all_reduce", [0], 5, 20, 0.0),
+                     ("broadcast", "distributed_c10d.broadcast", [0], 3, 12, 0.0)]
+    assert counter.input_numel() == 6 + 6 + 5 + 3
+    assert counter.kernel_numel() in (0, counter.input_numel())  # gloo may skip its kernel on one rank

@@ -1,6 +1,7 @@
 """Block-parallel mode (``dblocks.parallel = "blocks"``): 2 gloo ranks, B = 2, one rank per block."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -50,6 +51,43 @@ def test_each_rank_holds_and_trains_only_its_block(tmp_path):
     shared0, shared1 = (torch.load(tmp_path / f"shared{r}.pt") for r in (0, 1))
     assert set(shared0) == shared and all(torch.equal(shared0[n], shared1[n]) for n in shared)
     assert not torch.equal(shared0["lm_head.weight"], torch.zeros_like(shared0["lm_head.weight"]))
+
+
+def test_a_block_parallel_step_is_the_mean_of_the_sequential_steps_on_its_blocks(tmp_path):
+    """The two modes train one objective. Step 2 of a 2-rank block-parallel run (B = 2, group g = rank g,
+    fixed random batches) is replayed in one process per block: the sequential trainer loads the run's
+    step-1 checkpoint and trains block g on rank g's batch and noise (DBLOCKS_AS_RANK). Block g's clipped
+    gradient is the sequential step's, and the shared modules' gradient on both ranks is the mean of the two
+    sequential steps' clipped shared gradients (each clipped by its own block's norm: both were clipped)."""
+    debug, fixed = "train_configs/debug_dblocks.toml", {"DBLOCKS_FIXED_BATCHES": "1"}
+    common = ["--dblocks.num_blocks", "2", "--validator.no-enable", "--checkpoint.enable"]
+    run([*REPORT, str(tmp_path / "bp"), debug, "2", *common, "--checkpoint.interval", "1", *BLOCKS[2:]], env=fixed)
+    parallel = [torch.load(tmp_path / "bp" / f"grads{g}.pt") for g in (0, 1)]
+    replays = []
+    for g in (0, 1):  # the two one-process replays run side by side
+        replay = tmp_path / f"sequential{g}"
+        shutil.copytree(tmp_path / "bp/checkpoint/step-1", replay / "checkpoint/step-1")
+        cmd = [PY, "scripts/rank_report.py", str(replay), debug, "2", *common, "--checkpoint.interval", "1000",
+               "--checkpoint.exclude_from_loading", "dataloader"]  # the batches are DBLOCKS_FIXED_BATCHES'
+        env = {**ENV, **fixed, "DBLOCKS_FIXED_BLOCK": str(g), "DBLOCKS_AS_RANK": f"{g}/2"}
+        replays.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for proc in replays:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-3000:]
+    sequential = [torch.load(tmp_path / f"sequential{g}" / "grads0.pt") for g in (0, 1)]
+    for g in (0, 1):
+        assert set(sequential[g]) == set(parallel[g]) and len(layer_ids(sequential[g])) == 4
+        norm = torch.stack([v.norm() for v in sequential[g].values()]).norm()
+        assert norm == pytest.approx(1.0, rel=1e-4)  # training.max_norm: the sequential step was clipped
+    close = lambda a, b: (a - b).norm() <= 1e-5 * b.norm() + 1e-9  # noqa: E731
+    for g in (0, 1):
+        for name, grad in parallel[g].items():
+            if name.startswith("layers."):
+                assert close(grad, sequential[g][name]), name
+            else:
+                assert torch.equal(grad, parallel[1 - g][name]), name
+                assert close(grad, (sequential[0][name] + sequential[1][name]) / 2), name
+    assert any(not torch.equal(sequential[0][n], sequential[1][n]) for n in parallel[0] if not n.startswith("layers."))
 
 
 def test_group_mode_keeps_one_set_of_shared_modules_per_group(tmp_path):
@@ -102,3 +140,25 @@ def test_checkpoints_load_in_the_other_mode(tmp_path, first, then):
              "--dump_folder", str(tmp_path / "blocks"), "--eval.prompts", "0"])
         result = json.loads((tmp_path / "blocks/checkpoint/eval_step3.json").read_text())
         assert result["step"] == 3 and len(result["ce_per_block"]) == 2 and 0 < result["ce"] < 8.32
+
+
+def test_block_parallel_config_has_its_own_budget():
+    """owt_dblocks_blockparallel.toml: owt_dblocks.toml's model, data and objective, in block-parallel mode,
+    with the baseline's steps and warm-up (every block trains at every step) and B x its global batch (each
+    group the baseline's batch); it is also a config function for titan's launcher."""
+    from dblocks_titan import config_registry
+    from dblocks_titan.toml_config import load_toml
+
+    bp, seq, e2e = (load_toml(config_registry.TRAIN_CONFIGS / f"{n}.toml")
+                    for n in ("owt_dblocks_blockparallel", "owt_dblocks", "owt_llama_baseline"))
+    B = bp.dblocks.num_blocks
+    assert (bp.dblocks.parallel, bp.dblocks.shared_grads, seq.dblocks.parallel) == ("blocks", "world", "sequential")
+    spec = lambda c: (c.model_spec.name, c.model_spec.flavor, len(c.model_spec.model.layers), c.model_spec.model.dim)  # noqa: E731
+    assert spec(bp) == spec(seq) and bp.dataloader.dataset == seq.dataloader.dataset
+    assert (bp.dblocks.gamma, bp.dblocks.weighting, B) == (seq.dblocks.gamma, seq.dblocks.weighting, seq.dblocks.num_blocks)
+    assert bp.training.steps == e2e.training.steps == seq.training.steps // B
+    assert bp.lr_scheduler.warmup_steps == e2e.lr_scheduler.warmup_steps == seq.lr_scheduler.warmup_steps // B
+    assert bp.training.global_batch_size == B * e2e.training.global_batch_size
+    assert bp.training.steps * bp.training.global_batch_size == seq.training.steps * seq.training.global_batch_size
+    assert not bp.validator.enable
+    assert config_registry.owt_dblocks_blockparallel().dblocks.parallel == "blocks"
