@@ -1,7 +1,8 @@
 """Model specs and training recipes.
 
 - ``model_registry(name, flavor)``: ``dblocks_llama`` (DiffusionBlocks) or ``llama3`` (its titan
-  end-to-end twin: titan's own Llama3Model of the same shape).
+  end-to-end twin: titan's own Llama3Model of the same shape); ``dblocks_mdlm`` / ``mdlm``;
+  ``dblocks_huginn`` (recurrent depth, B = 1) / ``huginn`` (its end-to-end baseline, titan's Trainer).
 - ``recipe(name, flavor)``: the base ``Trainer.Config`` for that model; a TOML file in
   ``train_configs/`` is applied on top of it (:mod:`dblocks_titan.toml_config`).
 - Zero-argument config functions (``debug_dblocks``, ``owt_dblocks``, ``owt_llama_baseline``, …)
@@ -28,15 +29,20 @@ from torchtitan.trainer import Trainer
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
 from dblocks_titan.metrics import JsonlMetricsProcessor
-from dblocks_titan.models import dblocks_llama, mdlm
+from dblocks_titan.huginn_trainer import HuginnTrainer
+from dblocks_titan.models import dblocks_llama, huginn, mdlm
 from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
 from dblocks_titan.trainer import DBlocksConfig, DBlocksTrainer
 
 ASSETS = Path(__file__).parent / "assets"
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
-MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm")
+MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm", "dblocks_huginn", "huginn")
 MASKED_MODELS = ("dblocks_mdlm", "mdlm")
+RECURRENT_MODELS = ("dblocks_huginn", "huginn")
+DEPTH_KEYS = ("mean_depth", "backprop_depth", "inference_depth")
+"""[model] keys of the recurrent models (``huginn``: all three; ``dblocks_huginn``: inference_depth,
+the sampler's σ levels K)."""
 
 
 FLOAT8 = ("none", "rowwise", "emulate")
@@ -44,7 +50,7 @@ FLOAT8 = ("none", "rowwise", "emulate")
 
 def model_registry(
     name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, float8: str = "none",
-    compile: bool = False,
+    compile: bool = False, **depths,
 ) -> ModelSpec:
     """AR: ``dblocks_llama`` and its titan twin ``llama3``. Masked diffusion: ``dblocks_mdlm`` and
     its end-to-end baseline ``mdlm`` (always bidirectional SDPA: ``attn_backend`` is not used).
@@ -52,14 +58,25 @@ def model_registry(
     ``float8``: titan's ``Float8LinearConverter`` swaps every eligible Linear (both dims divisible by
     16; the head excluded, as in titan's recipes) for torchao's Float8Linear: ``rowwise`` (H100-class
     GPUs) or ``emulate`` (any device, eager only: for tests). ``compile`` tells it whether the
-    layers will be compiled.
+    layers will be compiled. ``depths``: :data:`DEPTH_KEYS` of the recurrent models.
     """
+    if depths and name not in RECURRENT_MODELS:
+        raise ValueError(f"[model] {', '.join(sorted(depths))} apply to the recurrent models {RECURRENT_MODELS}, "
+                         f"not {name!r}.")
+    if name == "dblocks_huginn" and depths.keys() - {"inference_depth"}:
+        raise ValueError("[model] mean_depth and backprop_depth apply to 'huginn' (a DiffusionBlocks step runs the core "
+                         "once); 'dblocks_huginn' takes inference_depth (the sampler's σ levels K).")
     if name == "dblocks_llama":
         model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
     elif name == "llama3":
         model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
     elif name in MASKED_MODELS:
         model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size)
+    elif name == "huginn":
+        model = huginn.huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size, **depths)
+    elif name == "dblocks_huginn":
+        model = huginn.dblocks_huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
+                                             sampler_levels=depths.get("inference_depth", 32))
     else:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
     if float8 not in FLOAT8:
@@ -123,8 +140,12 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
             common["validator"].dataloader = Text8DataLoader.Config(
                 dataset="shakespeare_text8", split="validation", infinite=False
             )
+    if name == "dblocks_huginn":
+        common["dblocks"] = DBlocksConfig(num_blocks=1, gamma=0.0)  # one denoiser for the whole σ range
     if name == "llama3":
         return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+    if name == "huginn":
+        return HuginnTrainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
     return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
 
 
@@ -164,3 +185,19 @@ def text8_mdlm() -> Trainer.Config:
 
 def text8_dblocks() -> Trainer.Config:
     return from_train_config("text8_dblocks")
+
+
+def debug_huginn() -> Trainer.Config:
+    return from_train_config("debug_huginn")
+
+
+def debug_dblocks_huginn() -> Trainer.Config:
+    return from_train_config("debug_dblocks_huginn")
+
+
+def lm1b_huginn() -> Trainer.Config:
+    return from_train_config("lm1b_huginn")
+
+
+def lm1b_dblocks_huginn() -> Trainer.Config:
+    return from_train_config("lm1b_dblocks_huginn")

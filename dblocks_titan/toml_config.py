@@ -38,7 +38,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 AC_TYPES = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
-MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "float8"}
+MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "float8", "mean_depth", "backprop_depth", "inference_depth"}
 OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
 
 
@@ -71,7 +71,7 @@ def build_config(table: dict[str, Any], where: str):
     compile_enabled = bool(table.get("compile", {}).get("enable", False))
     try:
         config = recipe(model.get("name", "dblocks_llama"), model.get("flavor", "debugmodel"), compile=compile_enabled,
-                        **{k: model[k] for k in ("attn_backend", "vocab_size", "float8") if k in model})
+                        **{k: v for k, v in model.items() if k not in ("name", "flavor")})
     except ValueError as e:
         raise TomlError(f"{where}: {e}") from None
 
