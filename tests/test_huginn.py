@@ -3,7 +3,6 @@ both models, a DiffusionBlocks training run through DBlocksTrainer, the sampler,
 
 import json
 import math
-import os
 import subprocess
 from collections import Counter
 
@@ -328,7 +327,6 @@ def test_eval_options_of_the_recurrent_pair():
         resolve_options(build_config(table("huginn"), "x.toml"), EvalOptions(bridge="hard"))
 
 
-@pytest.mark.skipif(not os.path.exists(ROOT / "train_configs/lm1b_huginn.toml"), reason="cluster configs")
 @pytest.mark.parametrize("name", ["lm1b_huginn", "lm1b_dblocks_huginn"])
 def test_paper_configs_load(name):
     from dblocks_titan.toml_config import load_toml

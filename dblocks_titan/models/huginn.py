@@ -499,11 +499,9 @@ def _parts(flavor: str, vocab_size: int | None, *, adaln: bool, inner) -> tuple[
     n_layers = sum(shape.values())
     plain = decoder_parts(adaln=False, inner_attention=inner, n_layers=n_layers, **kwargs)
     parts = decoder_parts(adaln=True, inner_attention=inner, n_layers=n_layers, **kwargs) if adaln else plain
-    prelude, core, coda = RecurrentShape(**shape).split(plain["layers"])
-    if adaln:
-        core = RecurrentShape(**shape).split(parts["layers"])[1]
-    else:
-        core = [sandwich_config(layer) for layer in core]
+    split = RecurrentShape(**shape).split
+    prelude, core, coda = split(plain["layers"])
+    core = split(parts["layers"])[1] if adaln else [sandwich_config(layer) for layer in core]
     parts["layers"] = [sandwich_config(layer) for layer in prelude] + core + [sandwich_config(layer) for layer in coda]
     dim = kwargs["dim"]
     recurrent = dict(
