@@ -1,7 +1,8 @@
 """Model specs and training recipes.
 
 - ``model_registry(name, flavor)``: ``dblocks_llama`` (DiffusionBlocks) or ``llama3`` (its titan
-  end-to-end twin: titan's own Llama3Model of the same shape).
+  end-to-end twin: titan's own Llama3Model of the same shape); ``dblocks_mdlm`` / ``mdlm``;
+  ``dblocks_huginn`` (recurrent depth, B = 1) / ``huginn`` (its end-to-end baseline, titan's Trainer).
 - ``recipe(name, flavor)``: the base ``Trainer.Config`` for that model; a TOML file in
   ``train_configs/`` is applied on top of it (:mod:`dblocks_titan.toml_config`).
 - Zero-argument config functions (``debug_dblocks``, ``owt_dblocks``, ``owt_llama_baseline``, …)
@@ -29,7 +30,8 @@ from dblocks_titan import compat, data  # noqa: F401  (data registers the datase
 from dblocks_titan.ar_eval import ARValidator
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
 from dblocks_titan.metrics import JsonlMetricsProcessor
-from dblocks_titan.models import dblocks_llama, mdlm
+from dblocks_titan.huginn_trainer import HuginnTrainer
+from dblocks_titan.models import dblocks_llama, huginn, mdlm
 from dblocks_titan.models.block_denoiser import Conditioning
 from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
@@ -37,8 +39,12 @@ from dblocks_titan.trainer import DBlocksConfig, DBlocksTrainer
 
 ASSETS = Path(__file__).parent / "assets"
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "train_configs"
-MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm")
+MODELS = ("dblocks_llama", "llama3", "dblocks_mdlm", "mdlm", "dblocks_huginn", "huginn")
 MASKED_MODELS = ("dblocks_mdlm", "mdlm")
+RECURRENT_MODELS = ("dblocks_huginn", "huginn")
+DEPTH_KEYS = ("mean_depth", "backprop_depth", "inference_depth")
+"""[model] keys of the recurrent models (``huginn``: all three; ``dblocks_huginn``: inference_depth,
+the sampler's σ levels K)."""
 
 
 FLOAT8 = ("none", "rowwise", "emulate")
@@ -50,13 +56,13 @@ ARCH_KEYS = CONDITIONING_KEYS + SLOT_KEYS
 
 def _architecture(name: str, options: dict) -> dict:
     """``options`` (``[model]`` keys of :data:`ARCH_KEYS`) as the model builders' keyword arguments."""
-    allowed = {"dblocks_llama": ARCH_KEYS, "llama3": ()}.get(name, CONDITIONING_KEYS)
+    allowed = {"dblocks_llama": ARCH_KEYS, "llama3": (), "huginn": ()}.get(name, CONDITIONING_KEYS)
     for key in options:
         if key not in allowed:
             raise ValueError(f"[model] {key} does not apply to model {name!r}"
                              + (f" (its keys: {', '.join(allowed)})" if allowed else ""))
     kwargs = {}
-    if name != "llama3":
+    if name not in ("llama3", "huginn"):
         kwargs["conditioning"] = Conditioning(**{k: v for k, v in options.items() if k in CONDITIONING_KEYS})
     if name == "dblocks_llama":
         kwargs["slot"] = dblocks_llama.NoisySlot(**{k: v for k, v in options.items() if k in SLOT_KEYS})
@@ -75,10 +81,19 @@ def model_registry(
     ``float8``: titan's ``Float8LinearConverter`` swaps every eligible Linear (both dims divisible by
     16; the head excluded, as in titan's recipes) for torchao's Float8Linear: ``rowwise`` (H100-class
     GPUs) or ``emulate`` (any device, eager only: for tests). ``compile`` tells it whether the
-    layers will be compiled.
+    layers will be compiled. ``depths``: :data:`DEPTH_KEYS` of the recurrent models.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
+    depths = {k: options.pop(k) for k in DEPTH_KEYS if k in options}
+    if depths and name not in RECURRENT_MODELS:
+        raise ValueError(f"[model] {', '.join(sorted(depths))} apply to the recurrent models {RECURRENT_MODELS}, "
+                         f"not {name!r}.")
+    if name == "dblocks_huginn" and depths.keys() - {"inference_depth"}:
+        raise ValueError("[model] mean_depth and backprop_depth apply to 'huginn' (a DiffusionBlocks step runs the core "
+                         "once); 'dblocks_huginn' takes inference_depth (the sampler's σ levels K).")
+    if n_layers is not None and name in RECURRENT_MODELS:
+        raise ValueError(f"[model] n_layers does not apply to {name!r}: its flavor sets prelude, core and coda.")
     arch = _architecture(name, options)
     if name == "dblocks_llama":
         model = dblocks_llama.flavor_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
@@ -86,6 +101,11 @@ def model_registry(
     elif name == "llama3":
         model = dblocks_llama.baseline_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
                                               n_layers=n_layers)
+    elif name == "huginn":
+        model = huginn.huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size, **depths)
+    elif name == "dblocks_huginn":
+        model = huginn.dblocks_huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size,
+                                             sampler_levels=depths.get("inference_depth", 32), **arch)
     else:
         model = mdlm.mdlm_config(flavor, end_to_end=name == "mdlm", vocab_size=vocab_size, n_layers=n_layers, **arch)
     if float8 not in FLOAT8:
@@ -149,8 +169,12 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
             common["validator"].dataloader = Text8DataLoader.Config(
                 dataset="shakespeare_text8", split="validation", infinite=False
             )
+    if name == "dblocks_huginn":
+        common["dblocks"] = DBlocksConfig(num_blocks=1, gamma=0.0)  # one denoiser for the whole σ range
     if name == "llama3":
         return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+    if name == "huginn":
+        return HuginnTrainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
     return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
 
 
@@ -194,3 +218,19 @@ def text8_mdlm() -> Trainer.Config:
 
 def text8_dblocks() -> Trainer.Config:
     return from_train_config("text8_dblocks")
+
+
+def debug_huginn() -> Trainer.Config:
+    return from_train_config("debug_huginn")
+
+
+def debug_dblocks_huginn() -> Trainer.Config:
+    return from_train_config("debug_dblocks_huginn")
+
+
+def lm1b_huginn() -> Trainer.Config:
+    return from_train_config("lm1b_huginn")
+
+
+def lm1b_dblocks_huginn() -> Trainer.Config:
+    return from_train_config("lm1b_dblocks_huginn")

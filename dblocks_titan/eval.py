@@ -7,7 +7,8 @@ t range's share for masked diffusion (:class:`dblocks_titan.nelbo.NELBOValidator
 held-out batches for AR. Raise ``--validator.steps`` / ``--validator.t_samples`` for a tighter number
 than the one logged during training.
 
-AR models (``dblocks_llama`` and its titan twin ``llama3``) then, on rank 0, with an unsharded copy
+AR models (``dblocks_llama`` and its titan twin ``llama3``; the recurrent-depth ``dblocks_huginn`` and its
+baseline ``huginn``, whose CE is at its inference depth) then, on rank 0, with an unsharded copy
 of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
 
 1. ``ce``, ``perplexity``: the validator's CE and exp(CE). For DiffusionBlocks it is CE at σ_max
@@ -71,12 +72,15 @@ from dblocks_titan.ar_eval import (
 from dblocks_titan.checkpoints import check_weights, checkpoint_dir
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.diffusion import GRIDS
+from dblocks_titan.models.huginn import DBlocksHuginn
 from dblocks_titan.sampling import BRIDGES, Chain, SOLVERS
 from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve, sample_metrics
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
 from dblocks_titan.train import _single_process_env
 
-AR_MODELS = ("dblocks_llama", "llama3")
+AR_MODELS = ("dblocks_llama", "llama3", "dblocks_huginn", "huginn")
+BASELINES = ("llama3", "huginn")  # next-token models: no σ levels, no bridge
+DB_AR = (DBlocksLlama, DBlocksHuginn)  # AR DiffusionBlocks models: CE per σ level, the σ-grid sampler
 PROBE_TEXT = "The quick brown fox, 1234 jumps over the lazy dog!"  # tokenizer identity check
 NUM_EXAMPLES = 3  # decoded samples kept in the JSON
 DB_ONLY = ("bridge", "num_levels", "grid", "solver", "bridge_temperature", "sampler_samples", "ce_draws")
@@ -142,13 +146,15 @@ def parse_eval_flags(argv: list[str]) -> tuple[EvalOptions | None, list[str]]:
 
 
 def resolve_options(config, opts: EvalOptions) -> EvalOptions:
-    """``num_levels`` 0 → the run's num_blocks; the DiffusionBlocks-only options refused for the baseline."""
-    if config.model_spec.name == "llama3":
+    """``num_levels`` 0 → the model's sampler levels (dblocks_huginn: K) or the run's num_blocks; the
+    DiffusionBlocks-only options refused for the baselines."""
+    if config.model_spec.name in BASELINES:
         if any(getattr(opts, k) != getattr(EvalOptions(), k) for k in DB_ONLY):
             raise InputError(f"--eval.{{{','.join(DB_ONLY)}}} apply to DiffusionBlocks models; the titan "
                              "baseline samples each next token directly")
         return opts
-    return replace(opts, num_levels=opts.num_levels or config.dblocks.num_blocks)
+    default = getattr(config.model_spec.model, "sampler_levels", config.dblocks.num_blocks)
+    return replace(opts, num_levels=opts.num_levels or default)
 
 
 def check_options(opts: EvalOptions, seq_len: int) -> None:
@@ -267,6 +273,8 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
     sampler = dict(temperature=opts.temperature, top_p=opts.top_p)
     if isinstance(model, DBlocksLlama):
         sampler.update(chain=chain(opts))
+    elif isinstance(model, DBlocksHuginn):
+        sampler.update(bridge=opts.bridge, num_levels=opts.num_levels)
     samples = generate_continuations(
         model, prompts.to(device), continuations=opts.continuations, new_tokens=opts.new_tokens,
         batch_size=opts.batch_size, generator=torch.Generator(device=device).manual_seed(opts.seed), **sampler,
@@ -315,14 +323,15 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
     unigram = trainer.validator.unigram()
     if unigram is not None:
         out["unigram_ce"] = unigram_ce(unigram, batches)
-    if isinstance(model, DBlocksLlama):
+    if isinstance(model, DB_AR):
         out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))
+    if isinstance(model, DBlocksLlama):
         out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
         out["sampler_ce"] = sampler_ce(model, batches, samples=[int(k) for k in opts.sampler_samples.split(",")],
                                        seeds=(opts.seed, opts.seed + 1), chain=chain(opts))
     if opts.prompts:
         out.update(generation_metrics(model, plan, opts, trainer.tokenizer))
-    out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DBlocksLlama) or k not in DB_ONLY}
+    out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DB_AR) or k not in DB_ONLY}
     return out
 
 

@@ -57,7 +57,8 @@ def run_record(job: dict[str, Any], model: nn.Module, dp_degree: int) -> dict[st
     - ``local_batch_size``, ``dp_degree``, ``global_batch_size`` (local × dp unless set), ``seq_len`` (N);
     - ``tokens_per_step`` = global batch × N (input tokens of one optimizer step);
     - ``positions_per_token`` (p), ``layer_params`` (P_layer), and ``layer_flops_per_step`` =
-      :func:`layer_flops_per_token` × ``tokens_per_step``: DB counts only the active block.
+      :func:`layer_flops_per_token` × ``tokens_per_step``: DB counts only the active block; recurrent
+      models count their iterations (``layer_flops_per_token`` of ``models.huginn``: at the mean depth).
     """
     spec, training = job["model_spec"], job["training"]
     model_cfg = spec["model"]
@@ -69,10 +70,14 @@ def run_record(job: dict[str, Any], model: nn.Module, dp_degree: int) -> dict[st
     tokens_per_step = global_batch * training["seq_len"]
     positions = 2 if isinstance(model, DBlocksLlama) else 1
     layer_params = layer_params_without_adaln(next(iter(model.layers.values())))
-    per_token = layer_flops_per_token(
-        n_layers=len(model_cfg["layers"]), num_blocks=num_blocks, positions_per_token=positions,
-        layer_params=layer_params, n_heads=n_heads, head_dim=model_cfg["dim"] // n_heads, seq_len=training["seq_len"],
-    )
+    if hasattr(model, "layer_flops_per_token"):  # recurrent depth: the core runs more than once (models.huginn)
+        per_token = model.layer_flops_per_token(training["seq_len"])
+    else:
+        per_token = layer_flops_per_token(
+            n_layers=len(model_cfg["layers"]), num_blocks=num_blocks, positions_per_token=positions,
+            layer_params=layer_params, n_heads=n_heads, head_dim=model_cfg["dim"] // n_heads,
+            seq_len=training["seq_len"],
+        )
     return {
         "model": spec["name"],
         "flavor": spec["flavor"],

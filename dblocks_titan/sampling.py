@@ -1,5 +1,6 @@
-"""Samplers that chain the blocks: the AR DiffusionBlocks sampler (METHOD.md §6), next-token
-sampling of the end-to-end baseline, and ancestral unmasking for masked diffusion (§7)."""
+"""Samplers that chain the blocks: the AR DiffusionBlocks sampler (METHOD.md §6), the recurrent-depth
+DiffusionBlocks sampler (§8), next-token sampling of the end-to-end baselines, and ancestral unmasking
+for masked diffusion (§7)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torchtitan.models.common import ScaledDotProductAttention
 from dblocks_titan.diffusion import GRIDS, Grid, inference_sigmas, sigma_to_block, t_to_block
 from dblocks_titan.models.block_denoiser import KVCache
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.models.huginn import DBlocksHuginn
 
 Bridge = Literal["soft", "hard"]
 BRIDGES: tuple[str, ...] = get_args(Bridge)
@@ -55,7 +57,7 @@ class Chain:
         return sigmas.tolist(), sigma_to_block(sigmas, model.num_blocks, model.edm).tolist()
 
 
-def target_table(model: DBlocksLlama) -> torch.Tensor:
+def target_table(model: DBlocksLlama | DBlocksHuginn) -> torch.Tensor:
     """``Ê`` [V, D] (fp32): the L2-normalised rows of the token embedding table, the denoising
     target y of training (METHOD.md §6). The whole table also from an FSDP-sharded model (all ranks
     must call it then)."""
@@ -193,6 +195,97 @@ def dblocks_generate(
     return (tokens, blocks) if return_blocks else tokens
 
 
+@torch.no_grad()
+def recurrent_generate(
+    model: DBlocksHuginn,
+    prompts: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    num_levels: int | None = None,
+    bridge: Bridge = "soft",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Continue prompts [B, P] (P ≥ 1) by ``max_new_tokens`` tokens with the recurrent-depth
+    DiffusionBlocks model → [B, P + max_new_tokens]: the K core iterations of Huginn's loop are the
+    Euler steps of the σ grid (METHOD.md §8).
+
+    Per new token at position p (the model's layout: row j holds the prelude output of clean token j
+    and the noisy embedding of token j + 1, see ``models.huginn``):
+    1. ``z ~ N(0, (1 + σ_max²)·I)``.
+    2. For the K = ``num_levels`` (default the model's ``sampler_levels``) levels
+       ``σ^(0) = σ_max > … > σ^(K−1) = σ_min`` of :func:`inference_sigmas`: one pass prelude → core →
+       coda at σ^(k) on the rows 0..p, where the context rows j < p hold their known next token
+       noised at that level, ``y_j + σ^(k)·ε_j^(k)`` (ε fixed once per row and level, as training
+       noises every row at the row's σ), and row p holds z; below the last level
+       ``z ← euler_step(z, bridge(logits_p), σ^(k), σ^(k+1))``.
+    3. The last level's logits give the token (:func:`sample_token`).
+
+    ``use_cache``: the prelude's keys/values are cached once (σ-independent), the core's and coda's
+    per level; the prompt's context rows are prefilled at every level, then each level runs two rows
+    per new token (the context row that the previous token completed, whose keys/values join the
+    level's cache, and row p). Without it every level recomputes every row. Both draw the same noise
+    in the same order and give the same tokens (tested). ``generator`` (for z, ε and the token draws)
+    must live on the prompts' device.
+    """
+    batch, prompt_len = prompts.shape
+    if prompt_len < 1:
+        raise ValueError("recurrent_generate needs prompts of length >= 1 (a BOS token at least).")
+    if bridge not in BRIDGES:
+        raise ValueError(f"bridge must be one of {BRIDGES}, got {bridge!r}.")
+    edm, device, dim = model.edm, prompts.device, model.config.dim
+    sigmas = inference_sigmas(model.config.sampler_levels if num_levels is None else num_levels, edm).tolist()
+    levels = len(sigmas)
+    table = target_table(model)
+
+    def sigma_vec(sigma: float) -> torch.Tensor:
+        return torch.full((batch,), sigma, device=device)
+
+    def noise(rows: int) -> torch.Tensor:  # ε of ``rows`` context rows at every level [K, B, rows, D]
+        return torch.randn(levels, batch, rows, dim, generator=generator, device=device)
+
+    context_noise = noise(prompt_len - 1)  # rows 0..P−2, whose next tokens the prompt holds
+    if use_cache:
+        prelude = [KVCache() for _ in model.prelude_layers()]
+        core = [[KVCache() for _ in model.core_layers()] for _ in sigmas]
+        coda = [[KVCache() for _ in model.coda_layers()] for _ in sigmas]
+        e = model.prelude_cached(prompts, prelude)  # [B, P, D]
+        if prompt_len > 1:
+            for k, sigma in enumerate(sigmas):
+                z_ctx = table[prompts[:, 1:]] + sigma * context_noise[k]
+                model.denoise_cached(e[:, :-1], z_ctx, sigma_vec(sigma), core=core[k], coda=coda[k],
+                                     keep=prompt_len - 1)
+
+    tokens = prompts
+    for step in range(max_new_tokens):
+        pending = noise(1) if step else None  # the row the previous token completed
+        if step:
+            context_noise = torch.cat([context_noise, pending], dim=2)
+        z = (1 + edm.sigma_max**2) ** 0.5 * torch.randn(batch, dim, generator=generator, device=device)
+        if not use_cache:
+            e = model.prelude(tokens, model.default_positions(tokens, None), None)
+        for k, sigma in enumerate(sigmas):
+            if use_cache:
+                rows, z_rows = e[:, -1:], z[:, None]
+                if step:
+                    rows = e[:, -2:]
+                    z_rows = torch.cat([table[tokens[:, -1:]] + sigma * pending[k], z_rows], dim=1)
+                logits = model.denoise_cached(rows, z_rows, sigma_vec(sigma), core=core[k], coda=coda[k],
+                                              keep=rows.shape[1] - 1)[:, -1]
+            else:
+                z_all = torch.cat([table[tokens[:, 1:]] + sigma * context_noise[k], z[:, None]], dim=1)
+                logits = model.denoise(e, z_all, sigma_vec(sigma), positions=model.default_positions(tokens, None))[:, -1]
+            if k + 1 < levels:
+                z = euler_step(z, bridge_x0(logits, table, bridge), sigma, sigmas[k + 1])
+        next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        if use_cache and step + 1 < max_new_tokens:
+            e = torch.cat([e, model.prelude_cached(next_token[:, None], prelude)], dim=1)
+    return tokens
+
+
 def baseline_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """titan's Llama3Model on tokens [B, P] → logits [B, P, V]; FlexAttention needs its causal
     BlockMask, the SDPA backend is causal by itself."""
@@ -224,9 +317,13 @@ def baseline_generate(
 
 
 def generate(model, prompts: torch.Tensor, **kwargs):
-    """:func:`dblocks_generate` for a :class:`DBlocksLlama`, else :func:`baseline_generate`."""
+    """:func:`dblocks_generate` for a :class:`DBlocksLlama`, :func:`recurrent_generate` for a
+    :class:`DBlocksHuginn`, else :func:`baseline_generate` (titan's llama3, the ``huginn`` baseline at
+    its inference depth)."""
     if isinstance(model, DBlocksLlama):
         return dblocks_generate(model, prompts, **kwargs)
+    if isinstance(model, DBlocksHuginn):
+        return recurrent_generate(model, prompts, **kwargs)
     return baseline_generate(model, prompts, **kwargs)
 
 

@@ -39,7 +39,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 AC_TYPES = {"none": None, "selective": SelectiveAC.Config, "full": FullAC.Config}
-MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "n_layers", "float8"}  # + config_registry.ARCH_KEYS
+MODEL_KEYS = {"name", "flavor", "attn_backend", "vocab_size", "n_layers", "float8", "mean_depth", "backprop_depth",
+              "inference_depth"}  # + config_registry.ARCH_KEYS
 OPTIMIZER_KEYS = {"lr", "weight_decay", "betas", "eps"}
 
 

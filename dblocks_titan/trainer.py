@@ -189,6 +189,9 @@ class DBlocksTrainer(Trainer):
                 )
             if self.model_spec is not None:
                 check_num_blocks(len(self.model_spec.model.layers), self.dblocks.num_blocks)
+                check_model = getattr(self.model_spec.model, "check_dblocks", None)  # e.g. dblocks_huginn: B = 1
+                if check_model is not None:
+                    check_model(self.dblocks)
             if self.dblocks.parallel == "blocks" and self.dblocks.shared_grads == "group" and self.checkpoint.enable:
                 raise ValueError(
                     "dblocks.shared_grads = 'group' trains B different copies of the shared modules, which one "

@@ -909,3 +909,82 @@ def fsdp_bytes_sent(constants: dict[str, float], *, layer_params: int, shared_pa
         payload = constants[f"{kind}/layers"] * layer_params + constants[f"{kind}/shared"] * shared_params
         total += ring_bytes_sent(kind, payload * dtype_bytes, group_size)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent depth (models/huginn.py): the Huginn baseline and its DiffusionBlocks version
+# --------------------------------------------------------------------------------------------
+
+
+def huginn_model_config(kind: str, flavor: str, *, seq: int, attn_backend: str = "auto",
+                        vocab_size: int | None = None, mean_depth: int = 32, backprop_depth: int = 8):
+    """kind "huginn" → the e2e baseline's config (mean depth m, k); "dbhuginn" → DBlocksHuginn.Config
+    (B = 1). RoPE sized to ``seq`` as the Trainer sizes it."""
+    from dblocks_titan.models.huginn import dblocks_huginn_config, huginn_config
+
+    if kind == "huginn":
+        cfg = huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size, mean_depth=mean_depth,
+                            backprop_depth=backprop_depth, inference_depth=mean_depth)
+    elif kind == "dbhuginn":
+        cfg = dblocks_huginn_config(flavor, attn_backend=attn_backend, vocab_size=vocab_size)
+    else:
+        raise ValueError(f"kind must be 'huginn' or 'dbhuginn', got {kind!r}.")
+    for layer in cfg.layers:
+        layer.attention.rope = dataclasses.replace(layer.attention.rope, max_seq_len=seq)
+    return cfg
+
+
+class HuginnStep(E2EStep):
+    """titan's ``Trainer._forward_backward_body`` for the ``huginn`` baseline (as :class:`E2EStep`) at a
+    fixed depth: the mean m, of which the last k iterations with gradients (what ``get_nparams_and_flops``
+    counts), instead of a random draw, so that every measured step is the same."""
+
+    def __init__(self, model, cfg, inputs, labels):
+        from dblocks_titan.models.huginn import Depth
+
+        super().__init__(model, cfg, inputs, labels)
+        k = min(cfg.backprop_depth, int(cfg.mean_depth))
+        self.depth = Depth(no_grad=int(cfg.mean_depth) - k, with_grad=k)
+
+    def loss(self, block: int = 0) -> torch.Tensor:
+        loss, _ = self.loss_fn(self.model(self.inputs, depth=self.depth), self.labels, self.gvt)
+        return loss
+
+
+class RecurrentDBStep(DBStep):
+    """:class:`DBStep` for ``dblocks_huginn`` (the AR objective; its layers run N positions, not 2N)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.positions_per_token = 1
+
+
+def huginn_step_from_args(kind: str, **config_kwargs) -> Callable:
+    """A benchmark row ``(args, device) → Step`` for kind "huginn" | "dbhuginn" (--huginn-flavor, --batch,
+    --seq, --attn-backend, --vocab-size, --seed)."""
+
+    def build(args, device: torch.device) -> Step:
+        cfg = huginn_model_config(kind, args.huginn_flavor, seq=args.seq, attn_backend=args.attn_backend,
+                                  vocab_size=args.vocab_size, **config_kwargs)
+        model = build_model(cfg, device, seed=args.seed)
+        inputs, labels = make_batch(args.batch, args.seq, cfg.vocab_size, device, seed=args.seed)
+        if kind == "huginn":
+            step = HuginnStep(model, cfg, inputs, labels)
+        else:
+            step = RecurrentDBStep(model, cfg, inputs, labels, gamma=0.0, seed=args.seed)
+        step.optimizer = build_optimizer(model, init_all_states=kind != "huginn")
+        return step
+
+    return build
+
+
+def count_step_flops(step: Step) -> int:
+    """FLOPs of one step's forward + loss + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (matmuls and attention, as the kernels run them; the optimizer step is not counted). Grads are cleared after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step.backward(step.loss(0))
+    step.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()

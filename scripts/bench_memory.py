@@ -50,6 +50,7 @@ import torch  # noqa: E402
 RowBuilder = Callable[[argparse.Namespace, torch.device], "bc.Step | bc.Placeholder"]
 REFERENCE = "e2e llama3, no AC"
 MDLM_REFERENCE = "e2e MDLM"
+HUGINN_REFERENCE = "e2e Huginn (m=32, k=8)"
 ROWS: dict[str, RowBuilder] = {
     REFERENCE: bc.step_from_args("e2e"),
     "e2e llama3, selective AC": bc.step_from_args("e2e", ac="selective"),
@@ -62,6 +63,8 @@ ROWS: dict[str, RowBuilder] = {
     MDLM_REFERENCE: bc.step_from_args("mdlm", num_blocks=1),
     "DB MDLM, B=2": bc.step_from_args("mdlm", num_blocks=2),
     "DB MDLM, B=4": bc.step_from_args("mdlm", num_blocks=4),
+    HUGINN_REFERENCE: bc.huginn_step_from_args("huginn"),
+    "DB Huginn, B=1": bc.huginn_step_from_args("dbhuginn"),
     "block-parallel DB, B=4": lambda args, device: bc.Placeholder(
         "needs real rank groups: measured per rank by scripts/bench_per_rank.py (results/per_rank*.md)"
     ),
@@ -218,7 +221,10 @@ HEADERS = [
 
 
 def reference_of(name: str) -> str:
-    """The e2e row a row is compared with: e2e MDLM for the masked-diffusion rows, else e2e llama3 no AC."""
+    """The e2e row a row is compared with: e2e MDLM for the masked-diffusion rows, e2e Huginn for the
+    recurrent-depth rows, else e2e llama3 no AC."""
+    if "Huginn" in name:
+        return HUGINN_REFERENCE
     return MDLM_REFERENCE if "MDLM" in name else REFERENCE
 
 
@@ -292,6 +298,41 @@ def target_lines(results: list[RowResult]) -> list[str]:
     return lines
 
 
+HUGINN_TARGETS = {"activations": 0.30, "flops": 0.15}
+
+
+def huginn_target_lines(results: list[RowResult], args, device) -> list[str]:
+    """Recurrent depth (issue targets): activation bytes DB Huginn / e2e Huginn ≤ 0.30 (from the rows) and
+    training FLOPs per step ≤ 0.15, counted by ``FlopCounterMode`` on one step of each (fresh models) and
+    by the configs' ``get_nparams_and_flops`` (with the head) and ``layer_flops_per_token`` (layers only)."""
+    by_name = {r.name: r for r in results if r.blocks}
+    ref, db = by_name.get(HUGINN_REFERENCE), by_name.get("DB Huginn, B=1")
+    if not (ref and db):
+        return []
+    act = db.max("act") / ref.max("act")
+    steps = {k: bc.huginn_step_from_args(k)(args, device) for k in ("huginn", "dbhuginn")}
+    counted = {k: bc.count_step_flops(s) for k, s in steps.items()}
+    tokens = args.batch * args.seq
+    analytic = {k: s.flops_per_token(args.seq) * tokens for k, s in steps.items()}
+    layers = {k: s.model.layer_flops_per_token(args.seq) * tokens for k, s in steps.items()}
+    ratio = {name: d["dbhuginn"] / d["huginn"] for name, d in (("counted", counted), ("analytic", analytic),
+                                                                 ("layers", layers))}
+    flops_target, act_target = HUGINN_TARGETS["flops"], HUGINN_TARGETS["activations"]
+    return [
+        f"**Target: activation bytes DB Huginn / {HUGINN_REFERENCE} ≤ {act_target:.2f} → measured {act:.3f} "
+        f"({bc.mib(db.max('act'))} / {bc.mib(ref.max('act'))} MiB): {'MET' if act <= act_target else 'MISSED'}.** "
+        "The baseline keeps the prelude, the last k = 8 core iterations and the coda; DB one pass of every layer.",
+        "",
+        f"**Target: training FLOPs per step DB Huginn / {HUGINN_REFERENCE} ≤ {flops_target:.2f} → counted "
+        f"{ratio['counted']:.3f} ({counted['dbhuginn']:.4e} / {counted['huginn']:.4e} FLOPs, FlopCounterMode over "
+        f"forward + loss + backward): {'MET' if ratio['counted'] <= flops_target else 'MISSED'}.** Analytic "
+        f"(`get_nparams_and_flops` × tokens, head included): {ratio['analytic']:.3f}; layers only "
+        f"(`layer_flops_per_token`, the head excluded): {ratio['layers']:.3f}. The head runs at the N positions "
+        "in both models, so the recurrence does not divide its cost.",
+        "",
+    ]
+
+
 def write_png(path: str, results: list[RowResult]) -> None:
     measured = [r for r in results if r.blocks]
     labels = [r.name for r in measured]
@@ -317,6 +358,7 @@ def main(argv=None) -> None:
     p.add_argument("--mdlm-flavor", default="debugmodel", help="flavor of the MDLM rows (mdlm.FLAVORS)")
     p.add_argument("--mdlm-layers", type=int, default=8,
                    help="n_layers of the MDLM rows (debugmodel has 6; B = 4 needs a multiple of 4)")
+    p.add_argument("--huginn-flavor", default="debugmodel", help="flavor of the recurrent-depth rows (huginn.FLAVORS)")
     p.add_argument("--attn-backend", default="auto", help="auto (flex on CUDA for DB, else sdpa) | sdpa | flex")
     p.add_argument("--blocks", choices=("all", "first"), default="all", help="DB blocks to measure")
     p.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name contains one")
@@ -333,7 +375,7 @@ def main(argv=None) -> None:
     names = list(ROWS)
     if args.rows:
         keys = [k.strip() for k in args.rows.split(",")]
-        names = [n for n in names if n in (REFERENCE, MDLM_REFERENCE) or any(k in n for k in keys)]
+        names = [n for n in names if n in (REFERENCE, MDLM_REFERENCE, HUGINN_REFERENCE) or any(k in n for k in keys)]
     results = []
     for name in names:
         r = run_row(name, ROWS[name], args, device)
@@ -346,7 +388,7 @@ def main(argv=None) -> None:
                               table_rows(results))
     bh, brows = breakdown_table(results)
     breakdown = bc.markdown_table(bh, brows)
-    targets = target_lines(results)
+    targets = target_lines(results) + huginn_target_lines(results, args, device)
     print()
     print(table)
     print()

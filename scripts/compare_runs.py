@@ -56,8 +56,8 @@ class Run:
     eval: dict[str, float] = field(default_factory=dict)
 
     @property
-    def is_db(self) -> bool:
-        return self.info["num_blocks"] > 1
+    def is_db(self) -> bool:  # dblocks_huginn is DiffusionBlocks with B = 1
+        return self.info["num_blocks"] > 1 or self.info["model"] == "dblocks_huginn"
 
     @property
     def last_step(self) -> int:
