@@ -388,14 +388,16 @@ class Conditioning:
       learned 6·dim table per layer);
     - ``gate_init``: the adaLN gates' value at initialisation (0: adaLN-Zero, every layer starts as the
       identity; 1: as a plain pre-norm layer);
-    - ``time_scale``: the timestep embedder's factor on the noise label (1000: flux's; 1: EDM's);
+    - ``time_scale``: the timestep embedder's factor on the noise label (None: the model's own —
+      1 for the AR models' c_noise = ¼·ln σ, as EDM and the authors feed it; 1000 for masked
+      diffusion's t ∈ [0, 1], as DiT/flux scale it);
     - ``depth_init``: ``global`` | ``per_block`` depth-scaled init of the output projections.
     """
 
     cond_dim: int | None = None
     adaln: str = "per_layer"
     gate_init: float = 0.0
-    time_scale: float = 1000.0
+    time_scale: float | None = None
     depth_init: str = "global"
 
     def __post_init__(self):
@@ -408,9 +410,11 @@ class Conditioning:
             raise ValueError(f"[model] depth_init must be one of {DEPTH_INITS}, got {self.depth_init!r}")
         for key in ("gate_init", "time_scale"):
             value = getattr(self, key)
+            if value is None and key == "time_scale":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"[model] {key} must be a finite number, got {value!r}")
-        if self.time_scale <= 0:
+        if self.time_scale is not None and self.time_scale <= 0:
             raise ValueError(f"[model] time_scale must be > 0, got {self.time_scale}")
 
     def width(self, dim: int) -> int:
@@ -430,9 +434,11 @@ def decoder_parts(
     ffn_dim_multiplier: float | None = None,
     rope_theta: float = 500000,
     conditioning: Conditioning | None = None,
+    time_scale: float = 1.0,
 ) -> dict:
     """Decoder.Config fields of a llama3-shaped stack: adaLN layers with a zero-init head and the
-    shared denoiser parts (``adaln=True``, shaped by ``conditioning``), or plain llama3 layers
+    shared denoiser parts (``adaln=True``, shaped by ``conditioning``; ``time_scale``: the model's
+    own factor on its noise label, unless the conditioning sets one), or plain llama3 layers
     (titan's e2e twin)."""
     cond = conditioning or Conditioning()
     cond_dim = cond.width(dim)
@@ -473,7 +479,8 @@ def decoder_parts(
         layers=[layer(i) for i in range(n_layers)],
     )
     if adaln:
-        parts["t_embedder"] = TimestepEmbedder.Config(dim=cond_dim, time_scale=cond.time_scale)
+        scale = time_scale if cond.time_scale is None else cond.time_scale
+        parts["t_embedder"] = TimestepEmbedder.Config(dim=cond_dim, time_scale=scale)
         parts["final_adaln"] = Linear.Config(in_features=cond_dim, out_features=2 * dim, bias=True, param_init=ZERO_INIT)
         parts["depth_init"] = cond.depth_init
         if cond.adaln == "single":

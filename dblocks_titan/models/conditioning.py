@@ -54,8 +54,9 @@ class TimestepEmbedder(Module):
     sinusoidal features of ``time_scale·label`` → Linear → SiLU → Linear, width ``dim`` (the model's
     ``cond_dim``).
 
-    ``c_noise`` spans only ≈[−1.55, 1.1] on [σ_min, σ_max]: ``time_scale`` 1000 (flux's factor for
-    t ∈ [0, 1]) spreads it over the sinusoid's frequencies; 1 feeds it as it is (EDM, the authors).
+    ``c_noise`` spans only ≈[−1.55, 1.1] on [σ_min, σ_max]: ``time_scale`` 1 feeds it as it is (EDM,
+    the authors); 1000 (flux's factor for t ∈ [0, 1], the masked-diffusion models' default) spreads it
+    over more of the sinusoid's frequencies.
     """
 
     @dataclass(kw_only=True, slots=True)

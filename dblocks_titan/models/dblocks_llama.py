@@ -72,9 +72,9 @@ class NoisySlot:
       ``sigma_min`` (fixed: the clean rows, hence their keys and values, do not depend on σ).
     """
 
-    noisy_input: str = "c_in"
+    noisy_input: str = "token_proj"
     noisy_scale: float = 1.0
-    readout_norm: str = "twice"
+    readout_norm: str = "once"
     clean_cond: str = "sigma"
 
     def __post_init__(self):

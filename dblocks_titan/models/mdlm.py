@@ -102,6 +102,6 @@ def mdlm_config(
     mask_id: int | None = None, conditioning: Conditioning | None = None,
 ) -> MDLM.Config:
     """The masked-diffusion model of a flavor; bidirectional SDPA (flash on GPU), no mask."""
-    parts = decoder_parts(adaln=True, inner_attention=MaskedSDPA.Config(), conditioning=conditioning,
+    parts = decoder_parts(adaln=True, inner_attention=MaskedSDPA.Config(), conditioning=conditioning, time_scale=1000.0,
                           **flavor_kwargs(FLAVORS, flavor, vocab_size, n_layers))
     return MDLM.Config(**parts, mask_id=MASK_IDS[flavor] if mask_id is None else mask_id, end_to_end=end_to_end)
