@@ -50,7 +50,7 @@ import functools
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, get_args, Literal
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
@@ -63,7 +63,7 @@ from torchtitan.config import Configurable
 from dblocks_titan.parallelize import local_tensor
 
 OffloadMode = Literal["none", "optimizer", "block"]
-OFFLOAD_MODES = ("none", "optimizer", "block")
+OFFLOAD_MODES = get_args(OffloadMode)
 KINDS = ("params", "optimizer")
 _MODE_KINDS = {"none": (), "optimizer": ("optimizer",), "block": KINDS}
 
@@ -93,19 +93,17 @@ def _storages(tensors) -> dict[int, torch.UntypedStorage]:
     return out
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``t`` (a DTensor stays a DTensor of the same mesh, placements and shape)."""
-    if isinstance(t, DTensor):
-        return DTensor.from_local(_to_host(t._local_tensor), t.device_mesh, t.placements, run_check=False,
-                                  shape=t.shape, stride=t.stride())
-    return torch.empty_like(t, device="cpu").copy_(t)
-
-
 def _like(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """``local`` in the place of ``t``'s local tensor (a DTensor of the same spec, or ``local`` itself)."""
     if isinstance(t, DTensor):
         return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
     return local
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` (of a DTensor: a DTensor of the same spec with a host copy of its local shard)."""
+    local = local_tensor(t)
+    return _like(t, torch.empty_like(local, device="cpu").copy_(local))
 
 
 def _prefixed(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 What it overrides, and nothing else:
 - ``train_step``: picks the step's block from the :class:`BlockSchedule` (same on every rank
   and micro-batch), then runs titan's step (gradient accumulation, clipping, optimizer, LR,
-  logging, non-finite check); afterwards logs the block, its CE and a per-block running CE.
+  logging, non-finite check) inside the offload store's step (:mod:`dblocks_titan.offload`: the
+  block on the device, the schedule's next block prefetched); afterwards logs the block, its CE
+  and a per-block running CE.
 - ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
   masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
   backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned.
