@@ -1,76 +1,377 @@
-"""Optional host offload of the AdamW state of the blocks that are not training (sequential mode).
+"""Where each block's state lives, device or host: the one module that moves tensors between them.
 
-In one process (or one FSDP group) holding every block, a block's optimizer state is only read in the
-steps that train it, yet it stays resident: 2 × its parameters, (B − 1)/B of all layer state. With
-``dblocks.offload_optimizer = true`` each state tensor of a block's layers gets a host copy (pinned
-when the device is CUDA) and its device storage is released (``untyped_storage().resize_(0)``, as FSDP
-frees unsharded parameters); the step's block is copied in before the step and out after it. Shared
-modules train at every step and stay resident. Checkpoint saves and loads see every state resident.
-On CPU the host is the device, so nothing is saved there: the mechanism is what the tests check.
+``dblocks.offload`` (sequential mode; one process holds every block, sharded or not):
+
+- ``"none"``: every block's parameters and AdamW state stay on the device; nothing moves.
+- ``"optimizer"``: the AdamW state (``exp_avg``, ``exp_avg_sq``) of every block that is not training
+  lives in host memory.
+- ``"block"``: the parameters' local shards too. Under FSDP2 a parameter's local shard is one
+  storage, behind both ``FSDPParam._sharded_param_data`` (the padded flat shard the all-gather copies
+  in at every unshard) and the sharded DTensor's ``_local_tensor`` (what the optimizer updates);
+  without FSDP it is the plain parameter's storage. Emptying and refilling that storage is all
+  FSDP needs: its tensors, bookkeeping and the optimizer's references stay as they are.
+
+The shared modules (embeddings, head, time embedder, final adaLN, norm) train at every step and stay
+resident; so do the ``step`` counters (scalars).
+
+How :class:`BlockOffload` does it:
+
+1. At set-up each storage of a block's layers (per kind: ``params`` / ``optimizer``) gets a host copy
+   of its bytes (pinned when the device is CUDA) and its device storage is freed
+   (``untyped_storage().resize_(0)``).
+2. ``with store.step(b, b_next):`` around titan's optimizer step: b's storages are re-allocated and
+   filled from the host (or, when b was prefetched, the compute stream waits for that copy); then
+   b_next's copy is issued on a side CUDA stream, overlapping the step. On exit b is written back to
+   the host and freed, unless b_next == b (``steps_per_block``): then it stays and nothing moves.
+   Events order the copies against the compute stream (a side stream waits for the compute stream
+   before it copies; the compute stream waits for a copy's event before it reads; a storage copied on
+   the side stream is freed only after that copy, ``record_stream``). On CPU the same code runs
+   synchronously (the "device" is host memory: what is saved there is nothing, what is tested is the
+   mechanism and the accounting).
+3. A model forward on a block whose parameters are on the host (validation, the eval command)
+   brings them in first (a forward pre-hook on the root module, which reads the call's ``block=``),
+   one borrowed block at a time; a borrowed block did not train, so it is freed without a copy back.
+4. Checkpoints never need more than one extra block on the device: :meth:`checkpoint_states` gives
+   titan's checkpointer Statefuls whose DCP state dicts hold the offloaded blocks on the host, with
+   the same keys as ever (so a run resumes with any offload mode, and the eval reads any). Optimizer
+   state: views of the host copies, read and written in place by DCP. Parameters: each offloaded
+   block is brought in alone, its layers' ``state_dict`` (titan's hooks included, e.g. the fused-QKV
+   split) copied to the host, and freed; on load each offloaded block is brought in alone, loaded,
+   written back. :meth:`checkpoint_io` wraps a save or load: in-flight copies finish first, and after
+   an asynchronous save the next eviction (which overwrites host copies DCP may still be staging from,
+   or frees storage it reads) waits for titan's staging (``checkpointer.maybe_wait_for_staging``).
+5. :meth:`report`: device-resident and host bytes by kind, the resident blocks, and the bytes moved
+   each way so far (for tests and benchmarks).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import functools
+import inspect
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, get_args, Literal
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from torchtitan.components.checkpoint import MODEL, OPTIMIZER
+from torchtitan.config import Configurable
 
 from dblocks_titan.parallelize import local_tensor
 
+OffloadMode = Literal["none", "optimizer", "block"]
+OFFLOAD_MODES = get_args(OffloadMode)
+KINDS = ("params", "optimizer")
+_MODE_KINDS = {"none": (), "optimizer": ("optimizer",), "block": KINDS}
 
-class InactiveOptimizerOffload:
-    """Host copies of every block's layer optimizer states; :meth:`fetch` / :meth:`evict` one block."""
 
-    def __init__(self, model, optimizers, num_blocks: int):
-        self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+@dataclass
+class _Part:
+    """One kind of one block's state: flat byte views over its device storages and their host copies."""
+
+    device: list[torch.Tensor]
+    host: list[torch.Tensor]
+    resident: bool = True
+    dirty: bool = False  # the device values are newer than the host copy
+    ready: Any = None  # CUDA event of the copy that filled the device storages (None: nothing pending)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        self.nbytes = sum(h.numel() for h in self.host)
+
+
+def _storages(tensors) -> dict[int, torch.UntypedStorage]:
+    """The distinct non-empty storages behind ``tensors`` (DTensors: their local shards), by identity."""
+    out = {}
+    for t in tensors:
+        storage = local_tensor(t).untyped_storage()
+        if storage.nbytes():
+            out.setdefault(storage._cdata, storage)
+    return out
+
+
+def _like(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` in the place of ``t``'s local tensor (a DTensor of the same spec, or ``local`` itself)."""
+    if isinstance(t, DTensor):
+        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return local
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` (of a DTensor: a DTensor of the same spec with a host copy of its local shard)."""
+    local = local_tensor(t)
+    return _like(t, torch.empty_like(local, device="cpu").copy_(local))
+
+
+def _prefixed(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+class BlockOffload(Configurable):
+    """The offload store of a model cut into blocks (``model.block_layers(b)``) and its optimizers."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Configurable.Config):
+        mode: OffloadMode = "none"
+        """none | optimizer (the AdamW state of the blocks that are not training on the host) | block
+        (their parameters' local shards too)."""
+
+    def __init__(self, config: Config, *, model: torch.nn.Module, optimizers, num_blocks: int):
+        if config.mode not in OFFLOAD_MODES:
+            raise ValueError(f"dblocks.offload must be one of {OFFLOAD_MODES}, got {config.mode!r}.")
+        self.mode, self.model, self.optimizers, self.num_blocks = config.mode, model, optimizers, num_blocks
+        self.kinds = _MODE_KINDS[config.mode]
+        self.device = next(model.parameters()).device
+        cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if cuda and self.kinds else None
+        self.moved = {"h2d": 0, "d2h": 0}
+        self.borrowed: int | None = None  # a block brought in for a forward outside training
+        self._staging = None  # a checkpointer whose async staging the next eviction waits for
+        self._views: dict[str, torch.Tensor] = {}  # optimizer key -> device tensor, during a load
+        self.parts: dict[tuple[int, str], _Part] = {}
+        self._host_of: dict[int, tuple[_Part, torch.Tensor]] = {}  # device storage -> (part, host copy)
+        if not self.kinds:  # (a block-parallel rank does not even hold every block)
+            return
         for block in range(num_blocks):
-            params = {p for layer in model.block_layers(block) for p in layer.parameters()}
-            pairs = []
-            for optimizer in optimizers:
-                for param, state in optimizer.state.items():
-                    if param not in params:
-                        continue
-                    for value in state.values():
-                        if isinstance(value, torch.Tensor) and value.numel() > 1:
-                            local = local_tensor(value)
-                            host = torch.empty_like(local, device="cpu", pin_memory=local.is_cuda)
-                            pairs.append((local, host))
-            self.blocks[block] = pairs
-        for block in self.blocks:
-            self.evict(block)
+            params = [p for layer in model.block_layers(block) for p in layer.parameters()]
+            tensors = {"params": params, "optimizer": self._state_tensors(params)}
+            for kind in self.kinds:
+                storages = _storages(tensors[kind])
+                host = [torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=cuda) for s in storages.values()]
+                device = [torch.empty(0, dtype=torch.uint8, device=s.device).set_(s) for s in storages.values()]
+                part = self.parts[block, kind] = _Part(device, host, dirty=True)
+                self._host_of.update({key: (part, h) for key, h in zip(storages, host)})
+        if "params" in self.kinds:
+            if isinstance(model, FSDPModule):  # FSDP's lazy init re-pads local shards: run it while they are full
+                model._get_fsdp_state()._lazy_init()
+            self._default_block = inspect.signature(model.forward).parameters["block"].default
+            model.register_forward_pre_hook(self._bring_in_for_forward, with_kwargs=True, prepend=True)
+        for part in self.parts.values():
+            self._evict(part)
+        self.synchronize()
 
-    def fetch(self, block: int) -> None:
-        """Re-allocate ``block``'s state on the device and copy it in from the host."""
-        for local, host in self.blocks[block]:
-            local.untyped_storage().resize_(host.numel() * host.element_size())
-            local.copy_(host, non_blocking=True)
+    def _state_tensors(self, params) -> list[torch.Tensor]:
+        """The optimizer's state tensors of ``params`` (not the scalar ``step``)."""
+        return [v for optimizer in self.optimizers for p in params for v in optimizer.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.numel() > 1]
 
-    def evict(self, block: int) -> None:
-        """Copy ``block``'s state to the host and free its device storage (stream-ordered: later
-        kernels reuse the memory only after the copy)."""
-        for local, host in self.blocks[block]:
-            host.copy_(local, non_blocking=True)
-            local.untyped_storage().resize_(0)
+    # -- moving one part --------------------------------------------------------------------
 
-    def resident_bytes(self) -> int:
-        return sum(local.untyped_storage().nbytes() for pairs in self.blocks.values() for local, _ in pairs)
+    def _side_stream(self):
+        """Context for a copy: on CUDA the side stream, after the compute stream's work so far."""
+        if self.side is None:
+            return nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.side)
+
+    def _fill(self, part: _Part) -> None:
+        """Re-allocate ``part`` on the device (on the compute stream) and copy it in from the host."""
+        if part.resident:
+            return
+        for d in part.device:
+            d.untyped_storage().resize_(d.numel())
+        with torch.no_grad(), self._side_stream():
+            for d, h in zip(part.device, part.host):
+                d.copy_(h, non_blocking=True)
+        if self.side is not None:
+            part.ready = torch.cuda.Event()
+            part.ready.record(self.side)
+        part.resident, part.dirty = True, False
+        self.moved["h2d"] += part.nbytes
+
+    def _use(self, part: _Part) -> None:
+        """The compute stream waits for the copy that filled ``part``."""
+        if part.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(part.ready)
+            part.ready = None
+
+    def _evict(self, part: _Part) -> None:
+        """Write ``part`` back to the host if it changed, then free its device storage."""
+        if not part.resident:
+            return
+        self._wait_for_staging()
+        self._use(part)  # an unused prefetch is complete before its memory is reused
+        if part.dirty:
+            with torch.no_grad(), self._side_stream():
+                for d, h in zip(part.device, part.host):
+                    h.copy_(d, non_blocking=True)
+                    if self.side is not None:
+                        d.record_stream(self.side)  # freed below, reused only after this copy
+            self.moved["d2h"] += part.nbytes
+        for d in part.device:
+            d.untyped_storage().resize_(0)
+        part.resident = part.dirty = False
+
+    def _wait_for_staging(self) -> None:
+        if self._staging is not None:
+            self._staging.maybe_wait_for_staging()
+            self._staging = None
+
+    def synchronize(self) -> None:
+        """Every copy issued so far is complete (host copies and device storages hold their values)."""
+        if self.side is not None:
+            self.side.synchronize()
+
+    # -- what the trainer, the validator and the eval ask for -------------------------------------
+
+    def _parts(self, block: int) -> list[_Part]:
+        return [self.parts[block, kind] for kind in self.kinds]
 
     @contextmanager
-    def all_resident(self):
-        """Every block's state on the device (checkpoint save / load), evicted again afterwards."""
-        for block in self.blocks:
-            self.fetch(block)
+    def step(self, block: int, next_block: int | None):
+        """Around one optimizer step on ``block``: its state resident (for the compute stream) in the
+        body, ``next_block``'s copied in on the side stream meanwhile; ``block`` written back and freed
+        afterwards unless it is ``next_block`` (``None``: no next step)."""
+        if not self.kinds:
+            yield
+            return
+        self._give_back(keep=(block, next_block))
+        for part in self._parts(block):
+            self._fill(part)
+            self._use(part)
+            part.dirty = True  # the optimizer step will change it
+        if next_block is not None and next_block != block:
+            for part in self._parts(next_block):
+                self._fill(part)
+        yield
+        if next_block != block:
+            for part in self._parts(block):
+                self._evict(part)
+
+    def bring_in(self, block: int) -> None:
+        """``block``'s parameters on the device for a forward outside training (at most one such
+        borrowed block: the previous one is freed)."""
+        part = self.parts.get((block, "params"))
+        if part is None or part.resident:
+            if part is not None:
+                self._use(part)
+            return
+        self._give_back()
+        self._fill(part)
+        self._use(part)
+        self.borrowed = block
+
+    def _give_back(self, keep=()) -> None:
+        """Free the borrowed block (not written back unless loaded into), unless it is in ``keep``."""
+        if self.borrowed is not None and self.borrowed not in keep:
+            self._evict(self.parts[self.borrowed, "params"])
+        self.borrowed = None
+
+    def _bring_in_for_forward(self, module, args, kwargs):
+        self.bring_in(kwargs.get("block", self._default_block))
+
+    def report(self) -> dict[str, Any]:
+        """``device``: bytes by kind the model's parameters (local shards) and the optimizer's state hold
+        in device storage now, shared modules included (each storage once; on CPU: outside the store);
+        ``host``: the store's host copies by kind; ``resident``: the blocks whose kind is on the device;
+        ``moved``: bytes copied ``h2d`` / ``d2h`` so far."""
+        params = [p for p in self.model.parameters()]
+        state = [v for optimizer in self.optimizers for s in optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor) and v.device == self.device]
+        device = {kind: sum(s.nbytes() for s in _storages(ts).values()) for kind, ts in zip(KINDS, (params, state))}
+        host = {kind: sum(p.nbytes for (_, k), p in self.parts.items() if k == kind) for kind in KINDS}
+        resident = {kind: sorted(b for (b, k), p in self.parts.items() if k == kind and p.resident) for kind in self.kinds}
+        return {"device": device, "host": host, "resident": resident, "moved": dict(self.moved)}
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_states(self) -> dict[str, Any]:
+        """Entries for titan's ``checkpointer.states`` that read and write the offloaded blocks on the
+        host (none for ``offload = "none"``: titan's own ModelWrapper and OptimizersContainer)."""
+        states = {}
+        if "params" in self.kinds:
+            states[MODEL] = _Stateful(self._model_state_dict, self._load_model_state_dict)
+        if "optimizer" in self.kinds:
+            states[OPTIMIZER] = _Stateful(self._optimizer_state_dict, self._load_optimizer_state_dict)
+        return states
+
+    @contextmanager
+    def checkpoint_io(self, checkpointer):
+        """Around a DCP save or load by ``checkpointer``: see the module docstring, step 4."""
+        self.synchronize()
         try:
             yield
         finally:
-            for block in self.blocks:
-                self.evict(block)
+            self._staging = checkpointer
 
-    def wrap(self, fn):
-        """``fn`` run with every state resident."""
+    def wrap(self, checkpointer, fn):
+        """``fn`` (the checkpointer's save or load) run inside :meth:`checkpoint_io`."""
 
-        def resident_fn(*args, **kwargs):
-            with self.all_resident():
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with self.checkpoint_io(checkpointer):
                 return fn(*args, **kwargs)
 
-        return resident_fn
+        return wrapped
+
+    def _units(self) -> tuple[list[tuple[str, torch.nn.Module]], dict[int, list[tuple[str, torch.nn.Module]]]]:
+        """(prefix, module) of the shared modules, and per block of its layers: the model's state
+        dict is the union of theirs."""
+        shared = [(f"{name}.", child) for name, child in self.model.named_children() if name != "layers"]
+        names = {id(layer): name for name, layer in self.model.layers.items()}
+        blocks = {b: [(f"layers.{names[id(layer)]}.", layer) for layer in self.model.block_layers(b)]
+                  for b in range(self.num_blocks)}
+        return shared, blocks
+
+    def _model_state_dict(self) -> dict[str, Any]:
+        self._give_back()  # a borrowed block's storage must not be freed while DCP holds it
+        shared, blocks = self._units()
+        state = {k: v for prefix, module in shared for k, v in module.state_dict(prefix=prefix).items()}
+        for block, layers in blocks.items():
+            on_host = not self.parts[block, "params"].resident
+            self.bring_in(block)
+            for prefix, layer in layers:
+                part = layer.state_dict(prefix=prefix)
+                state.update({k: _to_host(v) for k, v in part.items()} if on_host else part)
+        self._give_back()
+        return state
+
+    def _load_model_state_dict(self, state_dict: dict[str, Any]) -> None:
+        shared, blocks = self._units()
+        for prefix, module in shared:
+            module.load_state_dict(_prefixed(state_dict, prefix), strict=False)
+        for block, layers in blocks.items():
+            self.bring_in(block)
+            for prefix, layer in layers:
+                layer.load_state_dict(_prefixed(state_dict, prefix), strict=False)
+            self.parts[block, "params"].dirty = True
+            self._give_back()
+
+    def _host_view(self, t: torch.Tensor) -> torch.Tensor | None:
+        """``t`` as a view of its host copy when its device storage is offloaded, else None."""
+        local = local_tensor(t)
+        part, host = self._host_of.get(local.untyped_storage()._cdata, (None, None))
+        if part is None or part.resident:
+            return None
+        view = host.view(local.dtype).as_strided(local.size(), local.stride(), local.storage_offset())
+        return _like(t, view)
+
+    def _optimizer_state_dict(self) -> dict[str, Any]:
+        state, self._views = {}, {}
+        for key, value in self.optimizers.state_dict().items():
+            view = self._host_view(value) if isinstance(value, torch.Tensor) else None
+            if view is not None:
+                self._views[key] = value
+            state[key] = value if view is None else view
+        return state
+
+    def _load_optimizer_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """DCP has read the offloaded values into their host copies: hand the optimizer its own device
+        tensors for those keys (``load_state_dict`` keeps a tensor already on its device as is)."""
+        self.optimizers.load_state_dict({k: self._views.get(k, v) for k, v in state_dict.items()})
+
+
+class _Stateful(Stateful):
+    """What titan's checkpointer saves and loads under one key, from the store's two functions."""
+
+    def __init__(self, save, load):
+        self._save, self._load = save, load
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._save()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load(state_dict)

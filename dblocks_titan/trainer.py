@@ -3,8 +3,10 @@
 What it overrides, and nothing else:
 - ``train_step``: picks the step's block from the :class:`BlockSchedule` (same on every rank
   and micro-batch), then runs titan's step (gradient accumulation, clipping, optimizer, LR,
-  logging, non-finite check); afterwards queues the block and its CE for the per-block log
-  (:meth:`_log_block_step`: no host sync on the hot path, one flush every ``metrics.log_freq`` steps).
+  logging, non-finite check) inside the offload store's step (:mod:`dblocks_titan.offload`: the
+  block on the device, the schedule's next block prefetched); afterwards queues the block and its
+  CE for the per-block log (:meth:`_log_block_step`: no host sync on the hot path, one flush every
+  ``metrics.log_freq`` steps).
 - ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
   masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
   backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned.
@@ -50,7 +52,7 @@ from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
-from dblocks_titan.offload import InactiveOptimizerOffload
+from dblocks_titan.offload import BlockOffload, OFFLOAD_MODES, OffloadMode
 from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
 from dblocks_titan.toml_config import check_inputs, InputError
 
@@ -97,9 +99,16 @@ class DBlocksConfig:
     """Block-parallel only. world (the paper's semantics: one set of shared modules trained by every
     block): shared-module gradients are reduced over all ranks each step. group: each group keeps
     its own shared modules (B independent models; cannot be checkpointed as one model)."""
+    offload: OffloadMode = "none"
+    """Sequential only. Where the state of the blocks that are not training lives
+    (:mod:`dblocks_titan.offload`): none (on the device) | optimizer (their AdamW state in host
+    memory) | block (their parameters' local shards and AdamW state in host memory; the step's block
+    is copied in, the next one prefetched)."""
     offload_optimizer: bool = False
-    """Sequential only: keep the optimizer state of the blocks that are not training in host memory
-    (:mod:`dblocks_titan.offload`), copied in for the steps that train them."""
+    """Deprecated spelling of ``offload = "optimizer"`` (accepted with a warning)."""
+    steps_per_block: int = 1
+    """K: a block drawn by the schedule trains K consecutive optimizer steps (K = 1: a new draw every
+    step). Larger K amortises the offload copies over K steps."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
     def __post_init__(self):
@@ -117,11 +126,27 @@ class DBlocksConfig:
             raise ValueError(f"dblocks.parallel must be 'sequential' or 'blocks', got {self.parallel!r}.")
         if self.shared_grads not in ("world", "group"):
             raise ValueError(f"dblocks.shared_grads must be 'world' or 'group', got {self.shared_grads!r}.")
-        if self.parallel == "blocks" and self.offload_optimizer:
-            raise ValueError("dblocks.offload_optimizer is for the sequential mode: a block-parallel rank holds "
-                             "only its own block, which trains at every step.")
+        self.check_offload()
         if self.parallel == "blocks" and self.num_blocks < 2:
             raise ValueError("dblocks.parallel = 'blocks' needs dblocks.num_blocks >= 2 (one rank group per block).")
+
+    def check_offload(self) -> None:
+        """``offload`` and ``steps_per_block`` (also run by ``validate_dblocks``, after TOML edits);
+        the deprecated ``offload_optimizer = true`` becomes ``offload = "optimizer"``."""
+        if self.offload_optimizer:
+            if self.offload == "block":
+                raise InputError("dblocks.offload_optimizer = true (deprecated) contradicts dblocks.offload = 'block': "
+                                 "drop offload_optimizer")
+            logger.warning("dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'")
+            self.offload, self.offload_optimizer = "optimizer", False
+        if self.offload not in OFFLOAD_MODES:
+            raise InputError(f"dblocks.offload must be one of {', '.join(map(repr, OFFLOAD_MODES))}, got {self.offload!r}")
+        if self.parallel == "blocks" and self.offload != "none":
+            raise InputError(f"dblocks.offload = {self.offload!r} is for parallel = 'sequential': a block-parallel rank "
+                             "holds only its own block, which trains at every step; set offload = 'none'")
+        k = self.steps_per_block
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"dblocks.steps_per_block must be an integer >= 1, got {k!r}")
 
 
 def configure_block_parallel(config) -> None:
@@ -182,6 +207,7 @@ class DBlocksTrainer(Trainer):
 
         def validate_dblocks(self) -> None:
             """Checks that need the whole tree; run again after TOML/CLI edits."""
+            self.dblocks.check_offload()
             if not self.training.disable_cuda_graphs:
                 raise ValueError(
                     "DiffusionBlocks changes the active block every step and needs inactive grads to stay "
@@ -220,17 +246,19 @@ class DBlocksTrainer(Trainer):
             if config.dblocks.shared_grads == "world":
                 broadcast_shared_modules(self.model_parts[0], replicate.get_group())
         init_optimizer_states(self.optimizers)
-        self.offload = None
-        if config.dblocks.offload_optimizer:
-            self.offload = InactiveOptimizerOffload(self.model_parts[0], self.optimizers, config.dblocks.num_blocks)
-            # DCP reads and writes every state tensor: make them resident around titan's save and load
-            self.checkpointer.save = self.offload.wrap(self.checkpointer.save)
-            self.checkpointer.load = self.offload.wrap(self.checkpointer.load)
-        self.objective = build_objective(self.model_config, config.dblocks)
         db = config.dblocks
-        self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
-            num_blocks=db.num_blocks, total_steps=config.training.steps
+        self.offload = BlockOffload.Config(mode=db.offload).build(
+            model=self.model_parts[0], optimizers=self.optimizers, num_blocks=db.num_blocks
         )
+        if self.checkpointer.enable and db.offload != "none":
+            # DCP reads and writes the offloaded blocks on the host, one block on the device at a time
+            self.checkpointer.states.update(self.offload.checkpoint_states())
+            self.checkpointer.save = self.offload.wrap(self.checkpointer, self.checkpointer.save)
+            self.checkpointer.load = self.offload.wrap(self.checkpointer, self.checkpointer.load)
+        self.objective = build_objective(self.model_config, config.dblocks)
+        self.schedule = BlockSchedule.Config(
+            kind=db.block_schedule, seed=db.seed, steps_per_block=db.steps_per_block
+        ).build(num_blocks=db.num_blocks, total_steps=config.training.steps)
         self.block = 0
         self.running_loss: dict[int, float] = {}
         self.first_loss: dict[int, float] = {}
@@ -250,16 +278,14 @@ class DBlocksTrainer(Trainer):
 
     def train_step(self, data_iterator):
         self.block = self.schedule.next()  # drawn in both modes, so the schedule resumes in either
+        next_block = self.schedule.peek() if self.step < self.config.training.steps else None
         if self.block_parallel:
             self.block = self.own_block
         self._step_loss.zero_()
         self._local_tokens.zero_()
         self._microbatch = 0
-        if self.offload is not None:
-            self.offload.fetch(self.block)
-        super().train_step(data_iterator)
-        if self.offload is not None:
-            self.offload.evict(self.block)
+        with self.offload.step(self.block, next_block):  # the block on the device, the next one on its way
+            super().train_step(data_iterator)
         self._log_block_step()
 
     def _noise_generator(self) -> torch.Generator:

@@ -70,7 +70,7 @@ def main() -> None:
     if config.checkpoint.enable:  # e.g. a seed checkpoint: the same initial weights for any mesh
         trainer.checkpointer.load(step=config.checkpoint.load_step)
     if "DBLOCKS_FIXED_BLOCK" in os.environ:
-        trainer.schedule.next = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
+        trainer.schedule.next = trainer.schedule.peek = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
     before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
     as_rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,8 +102,7 @@ def main() -> None:
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
         "changed": [clean(n) for n, p in model.named_parameters() if not local_tensor(p).equal(before[n])],
         "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
-        "offloaded_state_resident_bytes": None if getattr(trainer, "offload", None) is None
-        else trainer.offload.resident_bytes(),
+        "offload": trainer.offload.report() if hasattr(trainer, "offload") else None,
         "trace": getattr(trainer, "_trace_path", None),
     }
     shared = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()

@@ -209,32 +209,6 @@ def test_fsdp_with_ac_and_compile_matches_one_process(tmp_path):
     assert one[-1]["loss"] < one[0]["loss"] - 0.05
 
 
-def test_offloaded_optimizer_state_trains_and_resumes_like_the_resident_run(tmp_path):
-    """``dblocks.offload_optimizer``: between steps no layer's optimizer state is resident (device storage
-    freed, host copies kept), the loss trace is bit-identical to the resident run's, and a run resumed from
-    its step-3 checkpoint (titan's save and load see every state resident) repeats steps 4..6."""
-    args = [PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_dblocks.toml",
-            "--validator.no-enable", "--checkpoint.enable", "--checkpoint.interval", "3"]
-    import shutil
-
-    args += ["--training.steps", "6"]
-    offload = ["--dblocks.offload_optimizer"]
-    run([*args, "--dump_folder", str(tmp_path / "resident")])
-    run([*args, *offload, "--dump_folder", str(tmp_path / "offloaded")])
-    resident, offloaded = (trace(tmp_path / d, 0) for d in ("resident", "offloaded"))
-    assert [r["step"] for r in offloaded] == list(range(1, 7)) and offloaded == resident
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "offloaded", resumed)
-    shutil.rmtree(resumed / "checkpoint" / "step-6")  # as if the job died after step 3's checkpoint
-    (resumed / "dblocks_trace" / "rank0.jsonl").unlink()
-    out = run([*args, *offload, "--dump_folder", str(resumed)])
-    assert "Training starts at step 4" in out and trace(resumed, 0) == resident[3:]
-    run([PY, "scripts/rank_report.py", str(tmp_path / "report"), "train_configs/debug_dblocks.toml", "2",
-         "--validator.no-enable", *offload])
-    report = json.loads((tmp_path / "report" / "rank0.json").read_text())
-    assert report["offloaded_state_resident_bytes"] == 0 and report["optimizer_bytes"] > 0
-
-
 def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
     """``[model] float8 = "emulate"``: titan's Float8LinearConverter swaps the DB layers' linears (attention,
     MLP, adaLN) for torchao's Float8Linear (the head stays high precision), and the run trains like the

@@ -1,0 +1,340 @@
+"""``dblocks.offload`` (:mod:`dblocks_titan.offload`) and ``dblocks.steps_per_block``.
+
+A toy model checks the store's mechanism in-process (CPU; the same test on CUDA, with the side-stream
+prefetch, is marked ``gpu``); real training runs (one process, 2 FSDP2 ranks over gloo) check identical
+per-step losses for offload = none / optimizer / block, exact resume (also in the middle of a
+``steps_per_block`` run, and across offload modes), the eval command, activation checkpointing,
+asynchronous checkpoints and what stays on the device.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+
+from test_distributed import ENV, PY, ROOT, run, trace, TORCHRUN
+
+from dblocks_titan.offload import BlockOffload
+
+CONFIG = "train_configs/debug_dblocks.toml"
+TRAIN = ["-m", "dblocks_titan.train", "--job.config_file", CONFIG, "--metrics.log_freq", "1"]
+CKPT = ["--checkpoint.enable", "--checkpoint.interval", "6", "--validator.freq", "6"]
+MODES = ("none", "optimizer", "block")
+
+
+# -- the store on a toy model -------------------------------------------------------------------
+
+
+class ToyBlocks(nn.Module):
+    """B blocks of two Linear layers and a shared head; ``forward(x, block=b)`` runs block b only."""
+
+    def __init__(self, num_blocks: int = 3, dim: int = 8):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.layers = nn.ModuleDict({str(i): nn.Linear(dim, dim) for i in range(2 * num_blocks)})
+        self.head = nn.Linear(dim, 1)
+
+    def block_layers(self, block: int) -> list[nn.Module]:
+        return [self.layers[str(2 * block)], self.layers[str(2 * block + 1)]]
+
+    def forward(self, x, *, block: int = 0):
+        for layer in self.block_layers(block):
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def toy_training(device: str, mode: str, blocks: list[int]):
+    """AdamW steps on ``blocks`` (in order) under ``store.step(b, next)``; returns the model, the store
+    and the store's report between the steps."""
+    torch.manual_seed(0)
+    model = ToyBlocks().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for p in model.parameters():  # every parameter's state exists from the start, as init_optimizer_states does
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    store = BlockOffload.Config(mode=mode).build(model=model, optimizers=[optimizer], num_blocks=model.num_blocks)
+    reports = [store.report()]
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    for i, block in enumerate(blocks):
+        with store.step(block, blocks[i + 1] if i + 1 < len(blocks) else None):
+            optimizer.zero_grad(set_to_none=True)
+            model(x, block=block).square().mean().backward()
+            optimizer.step()
+        reports.append(store.report())
+    return model, store, reports
+
+
+def check_toy_store(device: str):
+    blocks = [0, 2, 2, 1, 0, 2]
+    reference, _, _ = toy_training(device, "none", blocks)
+    model, store, reports = toy_training(device, "block", blocks)
+    store.synchronize()
+    for block in range(3):  # read every block through a forward: each is brought in alone
+        x = torch.ones(2, 8, device=device)
+        assert torch.equal(model(x, block=block), reference(x, block=block))
+        assert store.report()["resident"]["params"] == [block]
+    with torch.no_grad():
+        store.bring_in(0)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            if not name.startswith(("layers.2.", "layers.3.", "layers.4.", "layers.5.")):  # blocks 1, 2 on the host
+                assert torch.equal(p, q), name
+    layer = 8 * 8 * 4 + 8 * 4  # one Linear: weight + bias, fp32
+    block, shared = 2 * layer, (8 + 1) * 4
+    first, *between, last = reports
+    assert first["device"]["params"] == shared and first["host"] == {"params": 3 * block, "optimizer": 6 * block}
+    assert first["resident"] == {"params": [], "optimizer": []}
+    for report, upcoming in zip(between, blocks[1:]):  # after each step only the next step's block
+        assert report["resident"] == {"params": [upcoming], "optimizer": [upcoming]}
+        assert report["device"]["params"] == shared + block
+    assert last["resident"] == {"params": [], "optimizer": []}
+    # moved: the set-up copies every block out once; then each switch copies the next block in and writes
+    # the last one back (2 -> 2 moves nothing); the first step copies its block in, the last writes it back
+    moves = sum(a != b for a, b in zip(blocks, blocks[1:])) + 1
+    assert last["moved"] == {"h2d": moves * 3 * block, "d2h": (3 + moves) * 3 * block}
+
+
+def test_store_moves_one_block_at_a_time_and_trains_like_the_resident_model():
+    check_toy_store("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_store_on_cuda_prefetches_on_a_side_stream():
+    check_toy_store("cuda")
+    model, store, _ = toy_training("cuda", "block", [0, 1])
+    assert store.side is not None and all(h.is_pinned() for part in store.parts.values() for h in part.host)
+
+
+def test_eviction_after_a_checkpoint_waits_for_its_async_staging():
+    """After a save (titan's ``async_with_pinned_mem`` may still be staging from the host copies and the
+    resident storages), the next eviction first waits for the staging, once, before it writes or frees."""
+    _, store, _ = toy_training("cpu", "block", [0])
+    seen = []
+
+    class Checkpointer:
+        def maybe_wait_for_staging(self):
+            seen.append(store.parts[1, "params"].device[0].untyped_storage().nbytes())
+
+    with store.step(1, 1):  # block 1 stays resident: the next step trains it too
+        pass
+    with store.checkpoint_io(Checkpointer()):
+        pass
+    with store.step(1, 2):  # evicts block 1 at its end: waits first, while its storage is still allocated
+        assert seen == []
+    assert seen == [8 * 8 * 4]  # layers.2.weight, fp32
+    with store.step(2, 0):
+        pass
+    assert len(seen) == 1
+
+
+# -- real training runs ------------------------------------------------------------------------
+
+
+def losses(folder, rank: int = 0) -> list[float]:
+    return [r["loss"] for r in trace(folder, rank)]
+
+
+def validation_losses(folder) -> dict[int, float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["validation_metrics/loss"] for r in records if r.get("kind") == "validation"}
+
+
+def checkpoint_keys(step_dir) -> set[str]:
+    return set(FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata)
+
+
+def probe(launch, folder, *overrides) -> list[dict]:
+    """Train with ``tests/helpers/offload_probe.py`` (titan's loop); the store's report per rank."""
+    run([*launch, "tests/helpers/offload_probe.py", str(folder), CONFIG, "--metrics.log_freq", "1", *overrides],
+        env={"PYTHONPATH": str(ROOT)})  # a script's own folder comes first on sys.path: import this checkout
+    ranks = 2 if launch == TORCHRUN else 1
+    return [json.loads((folder / f"offload{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """12 steps of the debug config (B = 4; seed 0 trains blocks 0 3 1 0 3 3 3 3 1 3 1 2: switches and
+    repeats) in one process for each offload mode, with checkpoints and validations at steps 6 and 12;
+    offload = block through the probe (its store's reports in ``block/offload0.json``)."""
+    root = tmp_path_factory.mktemp("offload")
+    common = ["--training.steps", "12", *CKPT]
+    for mode in ("none", "optimizer"):
+        run([PY, *TRAIN, *common, "--dblocks.offload", mode, "--dump_folder", str(root / mode)])
+    probe([PY], root / "block", *common, "--dblocks.offload", "block")
+    return root
+
+
+def test_offload_modes_give_identical_losses_and_checkpoints_one_process(one_process):
+    traces = {mode: trace(one_process / mode, 0) for mode in MODES}
+    blocks = [r["block"] for r in traces["none"]]
+    assert blocks == [0, 3, 1, 0, 3, 3, 3, 3, 1, 3, 1, 2]
+    assert traces["optimizer"] == traces["none"] and traces["block"] == traces["none"]  # exact
+    validations = {mode: validation_losses(one_process / mode) for mode in MODES}
+    assert set(validations["none"]) == {1, 6, 12} and validations["block"] == validations["none"]
+    keys = {mode: checkpoint_keys(one_process / mode / "checkpoint" / "step-6") for mode in MODES}
+    assert keys["optimizer"] == keys["none"] and keys["block"] == keys["none"]
+
+
+def check_one_block_resident(report: dict, io_steps: set[int]) -> None:
+    """Between steps exactly one block (the next step's) has its parameters and AdamW state on the device,
+    during a step that block and the one being prefetched; the shared modules are always there. One
+    block's parameters and state go in and one block's come out at each switch, nothing when a block
+    repeats. (On the steps after a checkpoint save or validation, ``io_steps``, the moves include those
+    of the save and the validation, and under FSDP the root's parameters are still unsharded from the
+    validation's forward at the step's start: those two checks skip them.)"""
+    block, init = report["block_bytes"], report["init"]
+    assert block["params"] > 0 and block["optimizer"] == 2 * block["params"]
+    assert init["resident"] == {"params": [], "optimizer": []}
+    assert init["host"] == {kind: 4 * block[kind] for kind in block}
+    one_block = block["params"] + block["optimizer"]
+    previous = None
+    for s in report["steps"]:
+        after_io = previous is not None and previous["step"] in io_steps
+        kept = [s["block"]] if s["next"] in (None, s["block"]) else sorted({s["block"], s["next"]})
+        after = [] if s["next"] is None else [s["next"]]
+        for moment, resident in (("during", kept), ("after", after)):
+            r = s[moment]
+            assert r["resident"] == {"params": resident, "optimizer": resident}, (s["step"], moment)
+            for kind in block:
+                if not (after_io and moment == "during"):
+                    assert r["device"][kind] == init["device"][kind] + len(resident) * block[kind], (s["step"], moment)
+        step_out = s["after"]["moved"]["d2h"] - s["during"]["moved"]["d2h"]
+        assert step_out == (0 if s["next"] == s["block"] else one_block)
+        assert s["after"]["moved"]["h2d"] == s["during"]["moved"]["h2d"]
+        if previous is not None and not after_io:
+            into = s["during"]["moved"]["h2d"] - previous["after"]["moved"]["h2d"]
+            assert into == (0 if s["next"] in (None, s["block"]) else one_block), s["step"]
+        previous = s
+
+
+def test_offload_block_keeps_one_block_on_the_device_and_moves_one_block_per_switch(one_process):
+    report = json.loads((one_process / "block" / "offload0.json").read_text())
+    check_one_block_resident(report, io_steps={1, 6})
+    assert report["block_bytes"]["params"] == debug_block_param_bytes()
+
+
+def debug_block_param_bytes() -> int:
+    """fp32 bytes of one block's parameters in the debug model cut into 4 blocks (built on the meta device)."""
+    from dblocks_titan.config_registry import model_registry
+
+    config = model_registry("dblocks_llama", "debugmodel").model
+    config.num_blocks = 4
+    with torch.device("meta"):
+        model = config.build()
+    return sum(p.numel() * 4 for layer in model.block_layers(0) for p in layer.parameters())
+
+
+def test_two_fsdp_ranks_train_identically_with_offload_block(tmp_path):
+    """2 FSDP2 ranks (gloo), 8 steps (blocks 0 3 1 0 3 3 3 3), a checkpoint and a validation at step 4:
+    offload = block gives the resident run's losses on both ranks exactly and a checkpoint with the same
+    keys; each rank holds one block's local shards (half its bytes) between steps."""
+    common = ["--training.steps", "8", "--checkpoint.enable", "--checkpoint.interval", "4", "--validator.freq", "4"]
+    run([*TORCHRUN, *TRAIN, *common, "--dump_folder", str(tmp_path / "none")])
+    reports = probe(TORCHRUN, tmp_path / "block", *common, "--dblocks.offload", "block")
+    for rank in (0, 1):
+        assert trace(tmp_path / "block", rank) == trace(tmp_path / "none", rank)
+    assert [r["block"] for r in trace(tmp_path / "none", 0)] == [0, 3, 1, 0, 3, 3, 3, 3]
+    assert checkpoint_keys(tmp_path / "block" / "checkpoint" / "step-4") == checkpoint_keys(
+        tmp_path / "none" / "checkpoint" / "step-4")
+    for report in reports:
+        check_one_block_resident(report, io_steps={1, 4})
+        assert report["block_bytes"]["params"] == debug_block_param_bytes() // 2
+
+
+def test_a_checkpoint_of_offload_block_resumes_without_offload(one_process, tmp_path):
+    """A checkpoint has the same keys (and values) whatever the offload mode: resuming the step-6 checkpoint
+    of the offload = block run with offload = none repeats steps 7..12 exactly (offload = block resuming,
+    also in the middle of a ``steps_per_block`` run: ``test_resume_in_the_middle_of_a_steps_per_block_run``)."""
+    shutil.copytree(one_process / "block" / "checkpoint", tmp_path / "checkpoint")
+    shutil.rmtree(tmp_path / "checkpoint" / "step-12")
+    out = run([PY, *TRAIN, "--training.steps", "12", *CKPT, "--dblocks.offload", "none", "--dump_folder", str(tmp_path)])
+    assert "Training starts at step 7" in out
+    assert trace(tmp_path, 0) == trace(one_process / "none", 0)[6:]
+
+
+def test_eval_reads_a_checkpoint_trained_with_offload_block(one_process):
+    """``python -m dblocks_titan.eval`` with offload = block (its validator brings each block in alone) on
+    the run's step-12 checkpoint gives the CE the run validated in memory at step 12."""
+    out = run([PY, "-m", "dblocks_titan.eval", "--job.config_file", CONFIG, "--dump_folder", str(one_process / "block"),
+               "--dblocks.offload", "block", "--validator.steps", "1", "--eval.prompts", "0"])
+    result = json.loads((one_process / "block" / "checkpoint" / "eval_step12.json").read_text())
+    assert "wrote" in out and result["step"] == 12
+    assert result["validation_metrics/loss"] == validation_losses(one_process / "none")[12]
+
+
+def test_resume_in_the_middle_of_a_steps_per_block_run(tmp_path):
+    """offload = block, ``steps_per_block = 3``: blocks come in runs of 3 steps, and a run resumed from the
+    step-5 checkpoint (in the middle of the second run) repeats steps 6..9 exactly; the step-5
+    checkpoint is written asynchronously (``--checkpoint.async_mode async``, with the store's staging guard)."""
+    args = [PY, *TRAIN, "--training.steps", "9", "--checkpoint.enable", "--checkpoint.interval", "5",
+            "--checkpoint.async_mode", "async", "--validator.no-enable", "--dblocks.offload", "block",
+            "--dblocks.steps_per_block", "3"]
+    run([*args, "--dump_folder", str(tmp_path / "whole")])
+    whole = trace(tmp_path / "whole", 0)
+    blocks = [r["block"] for r in whole]
+    assert blocks[0:3] == [blocks[0]] * 3 and blocks[3:6] == [blocks[3]] * 3 and blocks[6:] == [blocks[6]] * 3
+    assert len(set(blocks)) > 1
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint" / "step-9")
+    (tmp_path / "resumed" / "dblocks_trace" / "rank0.jsonl").unlink()
+    out = run([*args, "--dump_folder", str(tmp_path / "resumed")])
+    assert "Training starts at step 6" in out and trace(tmp_path / "resumed", 0) == whole[5:]
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_activation_checkpointing_with_offload_block(one_process, tmp_path, ac):
+    """titan's activation checkpointing (the backward recomputes the block's forward while it is
+    resident) with offload = block trains to the resident run's losses."""
+    out = run([PY, *TRAIN, "--training.steps", "12", "--validator.no-enable", "--dblocks.offload", "block",
+               "--dump_folder", str(tmp_path), f"activation-checkpoint:{ac}"])
+    assert f"Applied {ac.capitalize()}AC activation checkpointing" in out
+    assert losses(tmp_path) == pytest.approx(losses(one_process / "none"), rel=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table, error", [
+    ("offload = 'block'\nparallel = 'blocks'\nnum_blocks = 2",
+     "dblocks.offload = 'block' is for parallel = 'sequential': a block-parallel rank holds only its own "
+     "block, which trains at every step; set offload = 'none'"),
+    ("offload = 'optimizer'\nparallel = 'blocks'\nnum_blocks = 2", "dblocks.offload = 'optimizer' is for parallel"),
+    ("offload = 'disk'", "dblocks.offload must be one of 'none', 'optimizer', 'block', got 'disk'"),
+    ("steps_per_block = 0", "dblocks.steps_per_block must be an integer >= 1, got 0"),
+    ("steps_per_block = 2.5", "dblocks.steps_per_block must be an integer >= 1, got 2.5"),
+    ("offload_optimizer = true\noffload = 'block'", "dblocks.offload_optimizer = true (deprecated) contradicts"),
+])
+def test_bad_offload_settings_are_one_line_errors(tmp_path, table, error):
+    from test_config import write
+
+    from dblocks_titan.toml_config import InputError, load_toml
+
+    with pytest.raises(InputError, match=re.escape(f"x.toml: {error}")):
+        load_toml(write(tmp_path, f"[dblocks]\n{table}\n"))
+
+
+def test_offload_optimizer_is_a_deprecated_alias(tmp_path, caplog):
+    from test_config import write
+
+    from dblocks_titan.toml_config import load_toml
+
+    config = load_toml(write(tmp_path, "[dblocks]\noffload_optimizer = true\n"))
+    assert config.dblocks.offload == "optimizer" and not config.dblocks.offload_optimizer
+    assert "dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'" in caplog.text
+
+
+def test_train_stops_before_building_anything(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text((ROOT / CONFIG).read_text().replace("num_blocks = 4", "num_blocks = 2\noffload = 'block'\n"
+                                                           "parallel = 'blocks'"))
+    proc = subprocess.run([PY, "-m", "dblocks_titan.train", "--job.config_file", str(config)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Building" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"dblocks_titan: error: {config}: dblocks.offload = 'block' is for parallel = 'sequential'")
