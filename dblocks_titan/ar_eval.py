@@ -124,9 +124,10 @@ def sigma_ce(model, batches, *, num_levels: int, seed: int) -> dict:
 @torch.no_grad()
 def sampler_log_probs(
     model: DBlocksLlama, tokens, labels, positions, *, samples: int, generator: torch.Generator,
-    chain: sampling.Chain = sampling.Chain(),
+    chain: sampling.Chain = sampling.Chain(), every_level: bool = False,
 ) -> torch.Tensor:
-    """``log p_s(label)`` [S, B, N] (fp32) of S independent sampler chains, teacher-forced.
+    """``log p_s(label)`` [S, B, N] (fp32) of S independent sampler chains, teacher-forced
+    (``every_level``: [N_levels, S, B, N], the softmax of every level's logits, the last one last).
 
     Every position runs the full chain at once (noisy slot i sees only the true clean prefix ≤ i and
     itself): from ``z ~ N(0, (1 + σ_max²)I)`` [B, N, D], :func:`~dblocks_titan.sampling.run_chain` over
@@ -141,12 +142,17 @@ def sampler_log_probs(
     def denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
         return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
 
+    def label_log_probs(logits):
+        return logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+
     out = []
     for _ in range(samples):
         z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
-        logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain).float()
-        out.append(logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0])
-    return torch.stack(out)
+        levels = []
+        logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain,
+                                    observe=(lambda j, lg: levels.append(label_log_probs(lg))) if every_level else None)
+        out.append(torch.stack(levels) if every_level else label_log_probs(logits))
+    return torch.stack(out, dim=1 if every_level else 0)
 
 
 def mixture_ce(log_probs: torch.Tensor, valid: torch.Tensor, samples: int) -> torch.Tensor:
@@ -216,6 +222,30 @@ def sampler_ce(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seeds=
             per_seed[k].append(float(sums[i]) / count)
         single += (chains / count).tolist()
     return {**{f"S={k}": _spread(v) for k, v in per_seed.items()}, "chain_ce": _spread(single)}
+
+
+@torch.no_grad()
+def sampler_ce_per_level(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seed: int = 0,
+                         chain: sampling.Chain = sampling.Chain()) -> list[dict]:
+    """CE_S of each level's distribution along the chain (one seed): ``[{"sigma", "block", "S=k": CE}]``,
+    σ_max first. Where the chain's distribution stops carrying the uncertainty shows as CE_S that
+    falls steeply with S (each chain ends sure of one token)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sigmas, blocks = chain.levels(model)
+    sums = torch.zeros(len(sigmas), len(samples), dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        tokens, positions, labels = _batch_tensors(batch, device)
+        valid = labels != IGNORE_INDEX
+        log_probs = sampler_log_probs(model, tokens, labels, positions, samples=max(samples), generator=generator,
+                                      chain=chain, every_level=True)
+        for j in range(len(sigmas)):
+            for i, k in enumerate(samples):
+                sums[j, i] += mixture_ce(log_probs[j], valid, k).cpu()
+        count += int(valid.sum())
+    return [{"sigma": sigmas[j], "block": blocks[j], **{f"S={k}": float(sums[j, i]) / count for i, k in enumerate(samples)}}
+            for j in range(len(sigmas))]
 
 
 @torch.no_grad()

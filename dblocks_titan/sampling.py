@@ -82,25 +82,33 @@ def euler_step(z: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: floa
 
 
 def run_chain(denoise: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Tensor, sigmas: list[float], *,
-              table: torch.Tensor, chain: Chain) -> torch.Tensor:
+              table: torch.Tensor, chain: Chain,
+              observe: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Walk the noisy state z [..., D] down the levels σ_0 > … > σ_{N−1} → the logits [..., V] of the last
-    level, which give the token. ``denoise(z, j)``: the logits at level j (σ_j, by its block).
+    level, which give the token. ``denoise(z, j)``: the logits at level j (σ_j, by its block);
+    ``observe(j, logits)``, if given, sees every level's logits.
 
     Euler: ``z ← euler_step(z, x̂0(z, σ_j), σ_j, σ_{j+1})``, i.e. ``z + (σ_{j+1} − σ_j)·d`` with
     ``d = (z − x̂0)/σ_j``. Heun (EDM Alg. 1): ``z' =`` the Euler step, ``d' = (z' − x̂0(z', σ_{j+1}))/σ_{j+1}``,
     ``z ← z + (σ_{j+1} − σ_j)·(d + d')/2``. x̂0 is the chain's bridge of the logits.
     """
-    def x0(z, j):
-        return bridge_x0(denoise(z, j), table, chain.bridge, chain.bridge_temperature)
+    def x0(logits):
+        return bridge_x0(logits, table, chain.bridge, chain.bridge_temperature)
 
     for j in range(len(sigmas) - 1):
         s, s_next = sigmas[j], sigmas[j + 1]
-        x0_j = x0(z, j)
+        logits = denoise(z, j)
+        if observe is not None:
+            observe(j, logits)
+        x0_j = x0(logits)
         z_next = euler_step(z, x0_j, s, s_next)
         if chain.solver == "heun":
-            z_next = z + (s_next - s) * ((z - x0_j) / s + (z_next - x0(z_next, j + 1)) / s_next) / 2
+            z_next = z + (s_next - s) * ((z - x0_j) / s + (z_next - x0(denoise(z_next, j + 1))) / s_next) / 2
         z = z_next
-    return denoise(z, len(sigmas) - 1)
+    logits = denoise(z, len(sigmas) - 1)
+    if observe is not None:
+        observe(len(sigmas) - 1, logits)
+    return logits
 
 
 def initial_noise(shape, sigma_max: float, generator: torch.Generator | None, device) -> torch.Tensor:

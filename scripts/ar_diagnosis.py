@@ -51,6 +51,7 @@ DB_TOML = ROOT / "train_configs/debug_dblocks.toml"
 TWIN_TOML = ROOT / "train_configs/debug_llama_baseline.toml"
 PAPER = {"cond_dim": 128, "adaln": "per_layer", "gate_init": 0.0, "time_scale": 1000.0, "depth_init": "global",
          "noisy_input": "c_in", "noisy_scale": 1.0, "readout_norm": "twice", "clean_cond": "sigma"}
+TOKEN_PROJ = {"noisy_input": "token_proj", "time_scale": 1.0, "readout_norm": "once"}
 """The first version's [model] options at debugmodel (d = 128: a full-width conditioning vector)."""
 
 
@@ -88,6 +89,12 @@ RUNS = [
     Run("db_depth_block", "per-block depth init", model=paper(depth_init="per_block")),
     Run("db_sigmamax", "25% of block 0's samples at σ_max", model=paper(), dblocks={"sigma_max_share": 0.25}),
     Run("db_clean_min", "clean half conditioned at σ_min", model=paper(clean_cond="sigma_min")),
+    Run("db_tp_shared_cin", "E[x_i] + W·c_in·z, one W for all blocks, c_noise as is, one norm",
+        model={**TOKEN_PROJ, "noisy_coeff": "c_in", "noisy_proj": "shared"}),
+    Run("db_tp_shared_cskip", "… with c_skip·z instead of c_in·z",
+        model={**TOKEN_PROJ, "noisy_coeff": "c_skip", "noisy_proj": "shared"}),
+    Run("db_tp_block_cin", "… c_in·z, but W per block",
+        model={**TOKEN_PROJ, "noisy_coeff": "c_in", "noisy_proj": "per_block"}),
     Run("db_default", "the shipped default (train_configs/debug_dblocks.toml)"),
 ]
 
@@ -173,6 +180,7 @@ def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: 
         return out
     out["ce_sigma_max"] = ar_eval.sigma_max_ce(model, batches, draws=draws, seed=0)
     out["sampler_ce"] = ar_eval.sampler_ce(model, batches, samples=(1, 4, 16), seeds=(0, 1))
+    out["sampler_ce_per_level"] = ar_eval.sampler_ce_per_level(model, batches, samples=(1, 4, 16))
     out["block_sigma_ce"] = ar_eval.block_sigma_ce(model, batches, sigmas=SIGMA_GRID, seed=0)
     return out
 

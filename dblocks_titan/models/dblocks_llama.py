@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchtitan.models.common import FlexAttention, Linear, ScaledDotProductAttention
 from torchtitan.models.common.attention import create_attention_mask
 from torchtitan.models.llama3.model import Llama3Model
-from torchtitan.protocols.module import Module
+from torchtitan.protocols.module import Module, ModuleList
 
 from dblocks_titan.diffusion import EDMConfig, precondition
 from dblocks_titan.models.block_denoiser import (
@@ -52,6 +52,8 @@ from dblocks_titan.models.block_denoiser import (
 from dblocks_titan.models.conditioning import ZERO_INIT
 
 NOISY_INPUTS = ("c_in", "token", "token_proj")
+NOISY_COEFFS = ("c_in", "c_skip")
+NOISY_PROJS = ("shared", "per_block")
 READOUT_NORMS = ("twice", "once")
 CLEAN_CONDS = ("sigma", "sigma_min")
 
@@ -60,12 +62,17 @@ CLEAN_CONDS = ("sigma", "sigma_min")
 class NoisySlot:
     """How the noisy slots enter and leave the residual stream (``[model]`` keys of ``dblocks_llama``).
 
-    - ``noisy_input``: slot i's input row, with ``u = noisy_scale·c_in·z_i``:
-      ``c_in`` → u (the paper: at σ_max pure noise of norm ≈ √dim);
+    - ``noisy_input``: slot i's input row, with ``u = noisy_scale·coeff·z_i``:
+      ``c_in`` → u with coeff = c_in (the paper: at σ_max pure noise of norm ≈ √dim);
       ``token`` → E[x_i] + u (x_i: the context token the slot follows, which it attends to anyway);
-      ``token_proj`` → E[x_i] + W·u, W a zero-initialised Linear dim → dim (shared), so every slot
-      starts as a plain next-token query and learns how much of z to read.
-    - ``noisy_scale``: the factor on ``c_in·z`` (1: as is).
+      ``token_proj`` → E[x_i] + W·u, W a zero-initialised Linear dim → dim, so every slot starts as a
+      plain next-token query and learns how much of z to read.
+    - ``noisy_coeff`` (``token`` / ``token_proj``): ``c_in`` (unit-variance noise at every σ) or
+      ``c_skip`` (= σ_d²/(σ² + σ_d²): the linear denoiser's estimate of y, which vanishes at high σ, so
+      the noise of the levels a block rarely trains on, σ_max first, cannot flood the slot).
+    - ``noisy_proj`` (``token_proj``): one W for all blocks (``shared``) or each block its own
+      (``per_block``: block-local, the other blocks' training never moves it).
+    - ``noisy_scale``: the factor on ``coeff·z`` (1: as is).
     - ``readout_norm``: ``twice`` → D = c_skip·z + c_out·norm(h), normed again by the readout;
       ``once`` → D = c_skip·z + c_out·h, normed by the readout only.
     - ``clean_cond``: the clean half's adaLN conditioning: ``sigma`` (the slot's σ, METHOD.md §5) or
@@ -73,12 +80,15 @@ class NoisySlot:
     """
 
     noisy_input: str = "token_proj"
+    noisy_coeff: str = "c_skip"
+    noisy_proj: str = "per_block"
     noisy_scale: float = 1.0
     readout_norm: str = "once"
     clean_cond: str = "sigma"
 
     def __post_init__(self):
-        for key, allowed in (("noisy_input", NOISY_INPUTS), ("readout_norm", READOUT_NORMS),
+        for key, allowed in (("noisy_input", NOISY_INPUTS), ("noisy_coeff", NOISY_COEFFS),
+                             ("noisy_proj", NOISY_PROJS), ("readout_norm", READOUT_NORMS),
                              ("clean_cond", CLEAN_CONDS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"[model] {key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -218,7 +228,7 @@ class DBlocksLlama(BlockDenoiser):
         """Seed of the fixed noise used when the model is called without ``sigma``."""
         slot: NoisySlot = field(default_factory=NoisySlot)
         noisy_proj: Linear.Config | None = None
-        """The zero-init Linear W of ``noisy_input = "token_proj"``."""
+        """The zero-init Linear W of ``noisy_input = "token_proj"`` (one, or one per block)."""
 
         def update_from_config(self, *, config, **kwargs) -> None:
             BlockDenoiser.Config.update_from_config(self, config=config, **kwargs)
@@ -235,7 +245,7 @@ class DBlocksLlama(BlockDenoiser):
             the N noisy ones."""
             nparams, flops = self.block_flops(model, 2, 1, seq_len)
             if model.noisy_proj is not None:
-                flops += 6 * model.noisy_proj.weight.numel()
+                flops += 6 * model.noisy_proj[0].weight.numel()
             return nparams, flops
 
     def __init__(self, config: Config):
@@ -243,7 +253,10 @@ class DBlocksLlama(BlockDenoiser):
         self.edm = config.edm
         self.eval_seed = config.eval_seed
         self.slot = config.slot
-        self.noisy_proj = None if config.noisy_proj is None else config.noisy_proj.build()
+        self.noisy_proj = None  # ModuleList: W, or W_b of block b (NoisySlot.noisy_proj)
+        if config.noisy_proj is not None:
+            count = config.num_blocks if config.slot.noisy_proj == "per_block" else 1
+            self.noisy_proj = ModuleList([config.noisy_proj.build() for _ in range(count)])
         self._mask_cache: tuple | None = None
 
     def get_attention_masks(self, positions: torch.Tensor):
@@ -322,7 +335,7 @@ class DBlocksLlama(BlockDenoiser):
         if attention_masks is None:
             attention_masks = self.get_attention_masks(positions)
         c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
-        x = torch.cat([emb, self.noisy_rows(emb, c_in * z)], dim=1)
+        x = torch.cat([emb, self.noisy_rows(emb, z, c_in, c_skip, block)], dim=1)
         pos2 = torch.cat([positions, positions + 1], dim=1)
         x = self.run_block(x, self.row_conditioning(c), block, attention_masks, pos2)
         return self.denoised_readout(x[:, n:], z, c_skip, c_out, c, skip_lm_head)
@@ -332,13 +345,17 @@ class DBlocksLlama(BlockDenoiser):
         c_skip, c_out, c_in, c_noise = (c[:, None, None] for c in precondition(sigma.float(), self.edm))
         return c_skip, c_out, c_in, self.conditioning(c_noise.flatten())
 
-    def noisy_rows(self, emb: torch.Tensor, scaled_z: torch.Tensor) -> torch.Tensor:
-        """The noisy slots' input rows [B, M, D] (:class:`NoisySlot` ``noisy_input``) from the context
-        embeddings emb [B, M, D] of the tokens they follow and ``c_in·z`` [B, M, D] (fp32)."""
-        u = (self.slot.noisy_scale * scaled_z).to(emb.dtype)
-        if self.slot.noisy_input == "c_in":
+    def noisy_rows(self, emb: torch.Tensor, z: torch.Tensor, c_in, c_skip, block: int) -> torch.Tensor:
+        """The noisy slots' input rows [B, M, D] (:class:`NoisySlot`) from the context embeddings emb
+        [B, M, D] of the tokens they follow, z [B, M, D] (fp32) and its coefficients [B, 1, 1]."""
+        slot = self.slot
+        coeff = c_in if slot.noisy_input == "c_in" or slot.noisy_coeff == "c_in" else c_skip
+        u = (slot.noisy_scale * coeff * z).to(emb.dtype)
+        if slot.noisy_input == "c_in":
             return u
-        return emb + (u if self.noisy_proj is None else self.noisy_proj(u))
+        if self.noisy_proj is None:
+            return emb + u
+        return emb + self.noisy_proj[block if slot.noisy_proj == "per_block" else 0](u)
 
     def clean_conditioning(self, c: torch.Tensor) -> torch.Tensor:
         """The clean rows' c [B, C]: the slots' own c, or c at σ_min (``clean_cond``)."""
@@ -387,7 +404,7 @@ class DBlocksLlama(BlockDenoiser):
         start = caches[0].length
         emb = self.tok_embeddings(token[:, None])
         z = z[:, None]
-        noisy = self.noisy_rows(emb, c_in * z)
+        noisy = self.noisy_rows(emb, z, c_in, c_skip, block)
         if append:
             x, cond = torch.cat([emb, noisy], dim=1), self.row_conditioning(c)
             positions = torch.arange(start, start + 2, device=token.device)[None]
