@@ -45,13 +45,13 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
-from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
-from dblocks_titan.models.block_denoiser import check_num_blocks
+from dblocks_titan.diffusion import EDMConfig, Weighting
+from dblocks_titan.errors import InputError
+from dblocks_titan.inputs import check_inputs
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
 from dblocks_titan.offload import InactiveOptimizerOffload
 from dblocks_titan.parallelize import local_tensor, parallelize_dblocks
-from dblocks_titan.toml_config import check_inputs, InputError
 
 
 def init_optimizer_states(optimizers) -> None:
@@ -97,25 +97,6 @@ class DBlocksConfig:
     """Sequential only: keep the optimizer state of the blocks that are not training in host memory
     (:mod:`dblocks_titan.offload`), copied in for the steps that train them."""
     edm: EDMConfig = field(default_factory=EDMConfig)
-
-    def __post_init__(self):
-        if self.num_blocks < 1:
-            raise ValueError(f"dblocks.num_blocks must be >= 1, got {self.num_blocks}.")
-        if not 0 <= self.gamma < 1:
-            raise ValueError(f"dblocks.gamma must be in [0, 1), got {self.gamma}.")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"dblocks.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
-        if not 0 <= self.running_loss_decay < 1:
-            raise ValueError(f"dblocks.running_loss_decay must be in [0, 1), got {self.running_loss_decay}.")
-        if self.parallel not in ("sequential", "blocks"):
-            raise ValueError(f"dblocks.parallel must be 'sequential' or 'blocks', got {self.parallel!r}.")
-        if self.shared_grads not in ("world", "group"):
-            raise ValueError(f"dblocks.shared_grads must be 'world' or 'group', got {self.shared_grads!r}.")
-        if self.parallel == "blocks" and self.offload_optimizer:
-            raise ValueError("dblocks.offload_optimizer is for the sequential mode: a block-parallel rank holds "
-                             "only its own block, which trains at every step.")
-        if self.parallel == "blocks" and self.num_blocks < 2:
-            raise ValueError("dblocks.parallel = 'blocks' needs dblocks.num_blocks >= 2 (one rank group per block).")
 
 
 def configure_block_parallel(config) -> None:
@@ -172,36 +153,10 @@ class DBlocksTrainer(Trainer):
     class Config(Trainer.Config):
         dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
 
-        def __post_init__(self):
-            Trainer.Config.__post_init__(self)
-            self.validate_dblocks()
-
-        def validate_dblocks(self) -> None:
-            """Checks that need the whole tree; run again after TOML/CLI edits."""
-            if not self.training.disable_cuda_graphs:
-                raise ValueError(
-                    "DiffusionBlocks changes the active block every step and needs inactive grads to stay "
-                    "None: set --training.disable_cuda_graphs (or training.disable_cuda_graphs = true)."
-                )
-            if self.model_spec is not None:
-                check_num_blocks(len(self.model_spec.model.layers), self.dblocks.num_blocks)
-            if self.dblocks.parallel == "blocks" and self.dblocks.shared_grads == "group" and self.checkpoint.enable:
-                raise ValueError(
-                    "dblocks.shared_grads = 'group' trains B different copies of the shared modules, which one "
-                    "checkpoint cannot hold: use shared_grads = 'world' (the paper's semantics) to checkpoint."
-                )
-            t_ranges = getattr(self.validator, "t_ranges", 0)
-            if self.validator.enable and t_ranges % self.dblocks.num_blocks:
-                raise ValueError(
-                    f"validator.t_ranges = {t_ranges} must be a multiple of dblocks.num_blocks = {self.dblocks.num_blocks}"
-                    " (each t range is evaluated by the one block that owns it)."
-                )
-
     config: Config
 
     def __init__(self, config: Config):
-        config.validate_dblocks()
-        check_inputs(config)  # bad paths / vocab fail here, before the model is built
+        check_inputs(config)  # every bad value, path or file fails here, before anything is built
         self.block_parallel = config.dblocks.parallel == "blocks"
         self.max_norm = config.training.max_norm
         if self.block_parallel:
@@ -217,8 +172,7 @@ class DBlocksTrainer(Trainer):
         if config.dblocks.offload_optimizer:
             self.offload = InactiveOptimizerOffload(self.model_parts[0], self.optimizers, config.dblocks.num_blocks)
             # DCP reads and writes every state tensor: make them resident around titan's save and load
-            self.checkpointer.save = self.offload.wrap(self.checkpointer.save)
-            self.checkpointer.load = self.offload.wrap(self.checkpointer.load)
+            self.checkpointer.around_io.append(self.offload.all_resident)
         self.objective = build_objective(self.model_config, config.dblocks)
         db = config.dblocks
         self.schedule = BlockSchedule.Config(kind=db.block_schedule, seed=db.seed).build(
