@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from torchtitan.components.checkpoint import (
     CheckpointManager,
@@ -188,16 +189,20 @@ class DBlocksCheckpointManager(CheckpointManager):
     def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         try:
             super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP gathers the ranks' errors in a BaseException
             match = re.fullmatch(r"step-(\d+)", os.path.basename(os.path.normpath(checkpoint_id)))
             if match is None:  # initial_load_path: not one of this run's checkpoints
                 raise
-            raise CheckpointUnloadable(checkpoint_id, f"{type(e).__name__}: {_first_line(e)}",
+            raise CheckpointUnloadable(checkpoint_id, _reason(e),
                                        previous_complete(self.folder, int(match.group(1)))) from e
 
 
-def _first_line(error: BaseException) -> str:
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+def _reason(error: BaseException) -> str:
+    """``Type: first line`` of a load error (of the first failing rank's, for DCP's CheckpointException)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {line}"
 
 
 # -- the checkpoint a run resumes from fits its model ---------------------------------------------
@@ -271,9 +276,9 @@ def check_weights(config, step_dir: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         try:
             dcp.load(state, checkpoint_id=step_dir, no_dist=True)
-        except Exception as e:  # damage the file sizes do not show
+        except (Exception, CheckpointException) as e:  # damage the file sizes do not show (a BaseException)
             root, name = os.path.split(os.path.normpath(step_dir))
-            raise CheckpointUnloadable(step_dir, f"{type(e).__name__}: {_first_line(e)}",
+            raise CheckpointUnloadable(step_dir, _reason(e),
                                        previous_complete(root, int(name.removeprefix("step-")))) from e
     if state[key] != dblocks.num_blocks:
         raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {state[key]} but the config has "

@@ -384,5 +384,7 @@ def check_inputs(config: Any, sources: Sources | None = None) -> None:
     try:
         check_data(config, check_tokenizer(config))
         check_resume(config)
+    except InputError:
+        raise
     except (OSError, ValueError, ImportError) as e:
         raise InputError(str(e)) from e

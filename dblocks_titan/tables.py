@@ -65,14 +65,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def table_origins(table: dict[str, Any], origin: str, prefix: str = "") -> dict[str, str]:
-    """Dotted key → ``origin`` for every value of ``table`` (``[job] dump_folder`` as ``dump_folder``)."""
+    """Dotted key → ``origin`` for every value of ``table`` (``[job] dump_folder`` also as ``dump_folder``)."""
     out = {}
     for key, value in table.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(table_origins(value, origin, f"{name}."))
         else:
-            out["dump_folder" if name == "job.dump_folder" else name] = origin
+            out[name] = origin
+            if name == "job.dump_folder":  # the tree's key
+                out["dump_folder"] = origin
     return out
 
 
@@ -115,7 +117,9 @@ def flag_table(argv: list[str]) -> tuple[dict[str, Any], dict[str, str], list[st
             if text is None:
                 raise TomlError(f"{flag} needs a value")
         table.setdefault(section, {})[key] = _flag_value(flag, text, kind)
-        origins["dump_folder" if (section, key) == ("job", "dump_folder") else f"{section}.{key}"] = flag
+        origins[f"{section}.{key}"] = flag
+        if (section, key) == ("job", "dump_folder"):  # the tree's key
+            origins["dump_folder"] = flag
     return table, origins, rest
 
 
