@@ -346,7 +346,7 @@ def check_tokenizer(config: Any):
     if model is not None and vocab > model.vocab_size:
         raise ValueError(
             f"tokenizer has {vocab} tokens but the model's vocab_size is {model.vocab_size}: "
-            "set [model] vocab_size (--model.vocab_size) to at least the tokenizer's"
+            "set [model] vocab_size to at least the tokenizer's"
         )
     mask_id = getattr(model, "mask_id", None)
     if mask_id is not None and not isinstance(config.tokenizer, CharTokenizer.Config) and mask_id < vocab:
@@ -366,8 +366,8 @@ def check_data(config: Any, tokenizer) -> None:
     for flag, loader in loaders:
         if isinstance(config.tokenizer, CharTokenizer.Config) and not isinstance(loader, Text8DataLoader.Config):
             raise ValueError(
-                f"the char tokenizer reads only text8-style text (a-z and space) but {flag}.dataset "
-                f"{loader.dataset!r} is not one: use text8, shakespeare_text8 or markov"
+                f"the char tokenizer reads only text8-style text (a-z and space) but dataset "
+                f"{loader.dataset!r} is not one: use dataset text8, shakespeare_text8 or markov"
             )
         if isinstance(loader, Text8DataLoader.Config):
             loader.check(seq_len=seq_len, flag=flag)

@@ -62,6 +62,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise TomlError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
         raise TomlError(f"{path}: not a TOML file (not UTF-8 text)") from None
+    except OSError as e:
+        raise TomlError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def table_origins(table: dict[str, Any], origin: str, prefix: str = "") -> dict[str, str]:

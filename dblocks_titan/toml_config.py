@@ -73,9 +73,14 @@ class TomlConfigManager(ConfigManager):
         config_file, args = _take_config_file(args)
         if config_file is None and wants_help:
             sys.exit(0)
-        loaded, rest = self._load(config_file, args)
         if wants_help:  # titan's full help of this config (tyro prints it and exits 0)
-            rest = ["--help"]
+            try:
+                loaded, _ = self._load(config_file, args)
+            except InputError as e:
+                print(f"(titan's flags of {config_file} cannot be listed: {e})")
+                sys.exit(0)
+            parse_flags(loaded, ["--help"])
+        loaded, rest = self._load(config_file, args)
         self.config = parse_flags(loaded, rest)
         self.sources.origins.update(flag_keys(rest))
         self._validate_config()
