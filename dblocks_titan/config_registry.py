@@ -3,8 +3,8 @@
 - ``model_registry(name, flavor)``: ``dblocks_llama`` (DiffusionBlocks) or ``llama3`` (its titan
   end-to-end twin: titan's own Llama3Model of the same shape); ``dblocks_mdlm`` / ``mdlm``;
   ``dblocks_huginn`` (recurrent depth, B = 1) / ``huginn`` (its end-to-end baseline, titan's Trainer).
-- ``recipe(name, flavor)``: the base ``Trainer.Config`` for that model; a TOML file in
-  ``train_configs/`` is applied on top of it (:mod:`dblocks_titan.toml_config`).
+- ``recipe(name, flavor)``: the base ``Trainer.Config`` for that model; ``load_toml(path)`` applies a TOML
+  file of ``train_configs/`` on top of it (:mod:`dblocks_titan.tables`).
 - Zero-argument config functions (``debug_dblocks``, ``owt_dblocks``, ``owt_llama_baseline``, …)
   for titan's native ``--module dblocks_titan --config <fn>``: each loads the TOML file of the
   same name, so the TOML files are the single source of every shipped run.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.optimizer import default_adamw, LRSchedulersContainer
 from torchtitan.components.quantization import Float8LinearConverter
@@ -28,13 +27,16 @@ from torchtitan.trainer import Trainer
 
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
 from dblocks_titan.ar_eval import ARValidator
+from dblocks_titan.checkpoints import DBlocksCheckpointManager
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
+from dblocks_titan.inputs import Sources
 from dblocks_titan.metrics import JsonlMetricsProcessor
 from dblocks_titan.huginn_trainer import HuginnTrainer
 from dblocks_titan.models import dblocks_llama, huginn, mdlm
 from dblocks_titan.models.block_denoiser import Conditioning
 from dblocks_titan.nelbo import NELBOValidator
 from dblocks_titan.parallelize import parallelize_dblocks
+from dblocks_titan.tables import apply_tables, model_kwargs, read_toml, table_origins, TomlError
 from dblocks_titan.trainer import DBlocksConfig, DBlocksTrainer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -148,7 +150,7 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
         ),
         metrics=JsonlMetricsProcessor.Config(log_freq=10),  # + dump_folder/metrics.jsonl
         parallelism=ParallelismConfig(spmd_backend=compat.default_spmd_backend()),
-        checkpoint=CheckpointManager.Config(interval=500, last_save_model_only=False),
+        checkpoint=DBlocksCheckpointManager.Config(interval=500, last_save_model_only=False),
         activation_checkpoint=None,
         debug=DebugConfig(seed=0),  # reproducible initialisation: a run and its twin start alike
     )
@@ -178,9 +180,31 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
     return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)
 
 
-def from_train_config(name: str) -> Trainer.Config:
-    from dblocks_titan.toml_config import load_toml
+def build_config(table: dict, sources: Sources, where: str) -> Trainer.Config:
+    """The ``Trainer.Config`` a TOML table describes: ``[model]`` picks the recipe, the other tables are
+    applied onto it (:func:`dblocks_titan.tables.apply_tables`). ``where``: the file, for messages."""
+    table = dict(table)
+    model = model_kwargs(table.pop("model", {}), sources, where)
+    given = dict(model)
+    compile_table = table.get("compile", {})
+    compile_enabled = isinstance(compile_table, dict) and compile_table.get("enable", False) is True
+    try:
+        config = recipe(model.pop("name", "dblocks_llama"), model.pop("flavor", "debugmodel"),
+                        compile=compile_enabled, **model)
+    except ValueError as e:  # an unknown name or flavor: name the flags that gave [model] keys, else the file
+        flags = [f"{sources.origins[f'model.{k}']} {v}" for k, v in given.items()
+                 if sources.origins.get(f"model.{k}", "").startswith("--")]
+        raise TomlError(f"{', '.join(flags) or where}: {e}") from None
+    return apply_tables(config, table, sources, where)
 
+
+def load_toml(path) -> Trainer.Config:
+    """The ``Trainer.Config`` of a TOML file."""
+    table = read_toml(path)
+    return build_config(table, Sources(table_origins(table, str(path))), str(path))
+
+
+def from_train_config(name: str) -> Trainer.Config:
     return load_toml(TRAIN_CONFIGS / f"{name}.toml")
 
 

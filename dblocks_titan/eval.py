@@ -70,6 +70,7 @@ from dblocks_titan.ar_eval import (
     unigram_ce,
 )
 from dblocks_titan.checkpoints import check_weights, checkpoint_dir
+from dblocks_titan.errors import reported, take_debug_flag
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.diffusion import GRIDS
 from dblocks_titan.models.huginn import DBlocksHuginn
@@ -368,7 +369,8 @@ def evaluate(config, opts: EvalOptions | None = None) -> dict:
     if hasattr(config, "dblocks"):
         config.dblocks.parallel = "sequential"  # a block-parallel run is evaluated with every block
     config.validator.enable = True
-    step_dir = checkpoint_dir(config.dump_folder, config.checkpoint.folder, config.checkpoint.load_step)
+    step_dir = checkpoint_dir(config.dump_folder, config.checkpoint.folder, config.checkpoint.load_step,
+                              fallback=getattr(config.checkpoint, "fallback_to_previous", False))
     # check_inputs (prepare_ar's for AR, the trainer's otherwise) checks it fits the model, before the build
     plan = prepare_ar(config, opts) if ar else None
     trainer = config.build()
@@ -397,10 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     _single_process_env()
     init_logger()
     try:
-        opts, rest = parse_eval_flags(sys.argv[1:] if argv is None else argv)
-        evaluate(TomlConfigManager().parse_args(rest), opts)
-    except InputError as e:
-        sys.exit(f"dblocks_titan.eval: error: {e}")
+        with reported("dblocks_titan.eval"):
+            opts, rest = parse_eval_flags(take_debug_flag(sys.argv[1:] if argv is None else argv))
+            evaluate(TomlConfigManager(prog="python -m dblocks_titan.eval").parse_args(rest), opts)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -2,15 +2,19 @@
 
 Also accepts titan's own ``--module dblocks_titan --config <fn>``. It is titan's ``main``
 (``torchtitan.train.main``) with the TOML-aware config manager plugged in. Without torchrun
-(``python -m dblocks_titan.train ...``) it runs as a single process.
+(``python -m dblocks_titan.train ...``) it runs as a single process. ``--help`` prints the usage; a bad
+input is one line ``dblocks_titan: error: ...`` (``--debug`` or ``DBLOCKS_DEBUG=1``: with its traceback).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import dblocks_titan  # noqa: F401  (applies the compat patches before titan is imported)
+import torchtitan.train as titan_train
+
+from dblocks_titan.errors import reported
+from dblocks_titan.toml_config import TomlConfigManager
 
 
 def _single_process_env() -> None:
@@ -28,16 +32,10 @@ def _single_process_env() -> None:
 
 
 def main() -> None:
-    import torchtitan.train as titan_train
-
-    from dblocks_titan.toml_config import InputError, TomlConfigManager
-
     _single_process_env()
     titan_train.ConfigManager = TomlConfigManager
-    try:
+    with reported("dblocks_titan"):
         titan_train.main()
-    except InputError as e:
-        sys.exit(f"dblocks_titan: error: {e}")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from dblocks_titan.block_schedule import BlockSchedule, ScheduleKind
-from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
-from dblocks_titan.models.block_denoiser import check_num_blocks
+from dblocks_titan.diffusion import EDMConfig, Weighting
+from dblocks_titan.errors import InputError
+from dblocks_titan.inputs import check_inputs
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
-from dblocks_titan.offload import BlockOffload, OFFLOAD_MODES, OffloadMode
+from dblocks_titan.offload import BlockOffload, OffloadMode
 from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
-from dblocks_titan.toml_config import check_inputs, InputError
 
 
 def init_optimizer_states(optimizers) -> None:
@@ -111,43 +111,6 @@ class DBlocksConfig:
     step). Larger K amortises the offload copies over K steps."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
-    def __post_init__(self):
-        if self.num_blocks < 1:
-            raise ValueError(f"dblocks.num_blocks must be >= 1, got {self.num_blocks}.")
-        if not 0 <= self.gamma < 1:
-            raise ValueError(f"dblocks.gamma must be in [0, 1), got {self.gamma}.")
-        if not 0 <= self.sigma_max_share <= 1:
-            raise ValueError(f"dblocks.sigma_max_share must be in [0, 1], got {self.sigma_max_share}.")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"dblocks.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
-        if not 0 <= self.running_loss_decay < 1:
-            raise ValueError(f"dblocks.running_loss_decay must be in [0, 1), got {self.running_loss_decay}.")
-        if self.parallel not in ("sequential", "blocks"):
-            raise ValueError(f"dblocks.parallel must be 'sequential' or 'blocks', got {self.parallel!r}.")
-        if self.shared_grads not in ("world", "group"):
-            raise ValueError(f"dblocks.shared_grads must be 'world' or 'group', got {self.shared_grads!r}.")
-        self.check_offload()
-        if self.parallel == "blocks" and self.num_blocks < 2:
-            raise ValueError("dblocks.parallel = 'blocks' needs dblocks.num_blocks >= 2 (one rank group per block).")
-
-    def check_offload(self) -> None:
-        """``offload`` and ``steps_per_block`` (also run by ``validate_dblocks``, after TOML edits);
-        the deprecated ``offload_optimizer = true`` becomes ``offload = "optimizer"``."""
-        if self.offload_optimizer:
-            if self.offload == "block":
-                raise InputError("dblocks.offload_optimizer = true (deprecated) contradicts dblocks.offload = 'block': "
-                                 "drop offload_optimizer")
-            logger.warning("dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'")
-            self.offload, self.offload_optimizer = "optimizer", False
-        if self.offload not in OFFLOAD_MODES:
-            raise InputError(f"dblocks.offload must be one of {', '.join(map(repr, OFFLOAD_MODES))}, got {self.offload!r}")
-        if self.parallel == "blocks" and self.offload != "none":
-            raise InputError(f"dblocks.offload = {self.offload!r} is for parallel = 'sequential': a block-parallel rank "
-                             "holds only its own block, which trains at every step; set offload = 'none'")
-        k = self.steps_per_block
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InputError(f"dblocks.steps_per_block must be an integer >= 1, got {k!r}")
-
 
 def configure_block_parallel(config) -> None:
     """Block-parallel set-up, before titan builds anything: one-line errors for a world size that B
@@ -201,40 +164,10 @@ class DBlocksTrainer(Trainer):
     class Config(Trainer.Config):
         dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
 
-        def __post_init__(self):
-            Trainer.Config.__post_init__(self)
-            self.validate_dblocks()
-
-        def validate_dblocks(self) -> None:
-            """Checks that need the whole tree; run again after TOML/CLI edits."""
-            self.dblocks.check_offload()
-            if not self.training.disable_cuda_graphs:
-                raise ValueError(
-                    "DiffusionBlocks changes the active block every step and needs inactive grads to stay "
-                    "None: set --training.disable_cuda_graphs (or training.disable_cuda_graphs = true)."
-                )
-            if self.model_spec is not None:
-                check_num_blocks(len(self.model_spec.model.layers), self.dblocks.num_blocks)
-                check_model = getattr(self.model_spec.model, "check_dblocks", None)  # e.g. dblocks_huginn: B = 1
-                if check_model is not None:
-                    check_model(self.dblocks)
-            if self.dblocks.parallel == "blocks" and self.dblocks.shared_grads == "group" and self.checkpoint.enable:
-                raise ValueError(
-                    "dblocks.shared_grads = 'group' trains B different copies of the shared modules, which one "
-                    "checkpoint cannot hold: use shared_grads = 'world' (the paper's semantics) to checkpoint."
-                )
-            t_ranges = getattr(self.validator, "t_ranges", 0)
-            if self.validator.enable and t_ranges % self.dblocks.num_blocks:
-                raise ValueError(
-                    f"validator.t_ranges = {t_ranges} must be a multiple of dblocks.num_blocks = {self.dblocks.num_blocks}"
-                    " (each t range is evaluated by the one block that owns it)."
-                )
-
     config: Config
 
     def __init__(self, config: Config):
-        config.validate_dblocks()
-        check_inputs(config)  # bad paths / vocab fail here, before the model is built
+        check_inputs(config)  # every bad value, path or file fails here, before anything is built
         self.block_parallel = config.dblocks.parallel == "blocks"
         self.max_norm = config.training.max_norm
         if self.block_parallel:
@@ -253,8 +186,7 @@ class DBlocksTrainer(Trainer):
         if self.checkpointer.enable and db.offload != "none":
             # DCP reads and writes the offloaded blocks on the host, one block on the device at a time
             self.checkpointer.states.update(self.offload.checkpoint_states())
-            self.checkpointer.save = self.offload.wrap(self.checkpointer, self.checkpointer.save)
-            self.checkpointer.load = self.offload.wrap(self.checkpointer, self.checkpointer.load)
+            self.checkpointer.around_io.append(partial(self.offload.checkpoint_io, self.checkpointer))
         self.objective = build_objective(self.model_config, config.dblocks)
         self.schedule = BlockSchedule.Config(
             kind=db.block_schedule, seed=db.seed, steps_per_block=db.steps_per_block

@@ -30,6 +30,7 @@ from typing import Any
 
 import fsspec
 from datasets import Dataset
+from datasets.exceptions import DatasetGenerationError
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
@@ -57,42 +58,89 @@ LM1B_VALIDATION_FRACTION = 0.01
 _FLAG = "--dataloader.dataset_path (--validator.dataloader.dataset_path for validation)"
 
 
-def _open_files(urlpath: str, dataset: str) -> list[fsspec.core.OpenFile]:
+def _open_files(urlpath: str, dataset: str, flag: str = _FLAG) -> list[fsspec.core.OpenFile]:
     """The files a path, glob or URL names, in sorted order, opened lazily as UTF-8 text."""
     fs, path = fsspec.core.url_to_fs(urlpath)
     paths = sorted(p for p in fs.glob(path) if fs.isfile(p))  # a plain path globs to itself if it exists
     if not paths:
-        raise FileNotFoundError(f"dataset {dataset!r}: no file at {urlpath!r}; point {_FLAG} at an existing file")
+        raise FileNotFoundError(f"dataset {dataset!r}: no file at {urlpath!r}; point {flag} at an existing file")
     if any(p.endswith(".zst") for p in paths) and "zstd" not in fsspec.available_compressions():
         raise ImportError(f"dataset {dataset!r}: reading {urlpath!r} needs `pip install zstandard`")
     return [fsspec.core.OpenFile(fs, p, "rt", compression="infer", encoding="utf-8") for p in paths]
 
 
-def iter_lines(urlpath: str, dataset: str) -> Iterator[str]:
-    """Every non-blank line (without its newline) of the files at ``urlpath``; the one reader of this module."""
+class RecordError(ValueError):
+    """A line of a data file that is not a record of its dataset: names the file and the line."""
+
+
+def numbered_lines(urlpath: str, dataset: str) -> Iterator[tuple[str, int, str]]:
+    """(file, line number from 1, line without its newline) of every non-blank line of the files at
+    ``urlpath``; the one reader of this module."""
     for f in _open_files(urlpath, dataset):
-        with f as lines:
-            yield from (line.rstrip("\r\n") for line in lines if line.strip())
+        try:
+            with f as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        yield f.path, number, line.rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"dataset {dataset!r}: {f.path} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
-def _records(urlpath: str, dataset: str, parse: Callable[[str], dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    yield from map(parse, iter_lines(urlpath, dataset))
+def iter_lines(urlpath: str, dataset: str) -> Iterator[str]:
+    """Every non-blank line (without its newline) of the files at ``urlpath``."""
+    return (line for _, _, line in numbered_lines(urlpath, dataset))
 
 
-def _owt_record(line: str) -> dict[str, str]:
-    return {"text": json.loads(line)["text"]}
+def json_records(urlpath: str, dataset: str, needs: tuple[str, ...] = ("text",)) -> Iterator[dict[str, Any]]:
+    """Every line of the files at ``urlpath`` as a JSON object with the keys ``needs`` (a string each);
+    a line that is not one is a :class:`RecordError` naming the file and the line."""
+    for path, number, line in numbered_lines(urlpath, dataset):
+        where = f"dataset {dataset!r}: {path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{where} is not JSON ({e.msg} at column {e.colno}): each line must be one "
+                              f"{{{', '.join(f'{k!r}: ...' for k in needs)}}} record") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in needs):
+            raise RecordError(f"{where} is not a record with string field(s) {', '.join(map(repr, needs))}")
+        yield record
 
 
-def _lm1b_record(line: str) -> dict[str, str]:
-    return {"text": line}
+def _records(urlpath: str, dataset: str, parse: Callable[[str, str], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    count = 0
+    for count, record in enumerate(parse(urlpath, dataset), 1):
+        yield record
+    if count == 0:
+        raise RecordError(f"dataset {dataset!r}: {urlpath!r} holds no records (its files are empty)")
 
 
-def _arrow(urlpath: str, dataset: str, parse: Callable[[str], dict[str, Any]]) -> Dataset:
-    """All records of ``urlpath`` as a map-style Dataset, cached on disk until a file changes."""
+def _shakespeare_records(urlpath: str, dataset: str) -> Iterator[dict[str, Any]]:
+    return json_records(urlpath, dataset, needs=("title", "text"))
+
+
+def _owt_records(urlpath: str, dataset: str) -> Iterator[dict[str, str]]:
+    return ({"text": r["text"]} for r in json_records(urlpath, dataset))
+
+
+def _lm1b_records(urlpath: str, dataset: str) -> Iterator[dict[str, str]]:
+    return ({"text": line} for line in iter_lines(urlpath, dataset))
+
+
+def _arrow(urlpath: str, dataset: str, parse: Callable[[str, str], Iterator[dict[str, Any]]]) -> Dataset:
+    """All records of ``urlpath`` as a map-style Dataset, cached on disk until a file changes. A bad
+    record is this module's one-line :class:`RecordError` (never ``datasets``' own wrapper)."""
     keys = dataset_files_key(dataset, urlpath)
     fingerprint = hashlib.sha256("\n".join([parse.__name__, *keys]).encode()).hexdigest()[:32]
     kwargs = {"urlpath": urlpath, "dataset": dataset, "parse": parse}
-    return Dataset.from_generator(_records, gen_kwargs=kwargs, fingerprint=fingerprint)
+    try:
+        return Dataset.from_generator(_records, gen_kwargs=kwargs, fingerprint=fingerprint)
+    except DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, RecordError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise RecordError(str(cause)) from None
 
 
 def _tail_split(ds: Dataset, split: str, fraction: float, max_docs: int | None, dataset: str) -> Dataset:
@@ -112,7 +160,7 @@ def _require(path: str, dataset: str, expected: str) -> None:
 def load_shakespeare(path: str, split: str) -> Dataset:
     """Works whose title is (validation) or is not (train) in SHAKESPEARE_VALIDATION_TITLES."""
     name = "shakespeare" if split == "train" else "shakespeare_validation"
-    ds = _arrow(path, name, json.loads)
+    ds = _arrow(path, name, _shakespeare_records)
     is_val = [title in SHAKESPEARE_VALIDATION_TITLES for title in ds["title"]]
     if not any(is_val):
         raise ValueError(f"{path!r} holds none of the validation works {SHAKESPEARE_VALIDATION_TITLES}")
@@ -122,7 +170,7 @@ def load_shakespeare(path: str, split: str) -> Dataset:
 def load_owt(path: str, split: str) -> Dataset:
     name = "owt" if split == "train" else "owt_validation"
     _require(path, name, 'a JSONL file, glob or URL of {"text": ...} documents (.gz/.xz/.zst ok)')
-    ds = _arrow(path, name, _owt_record)
+    ds = _arrow(path, name, _owt_records)
     return _tail_split(ds, split, OWT_VALIDATION_FRACTION, OWT_VALIDATION_MAX_DOCS, name)
 
 
@@ -131,19 +179,44 @@ def load_lm1b(path: str, split: str) -> Dataset:
     _require(path, name, "the LM1B release directory, or a text file or glob with one sentence per line")
     fs, root = fsspec.core.url_to_fs(path)
     if fs.isdir(root):
-        return _arrow(f"{path.rstrip('/')}/{LM1B_SPLIT_GLOBS[split]}", name, _lm1b_record)
-    return _tail_split(_arrow(path, name, _lm1b_record), split, LM1B_VALIDATION_FRACTION, None, name)
+        return _arrow(f"{path.rstrip('/')}/{LM1B_SPLIT_GLOBS[split]}", name, _lm1b_records)
+    return _tail_split(_arrow(path, name, _lm1b_records), split, LM1B_VALIDATION_FRACTION, None, name)
 
 
-def check_dataset(name: str, path: str | None) -> None:
-    """Fail fast on a dataset that cannot load: unknown name, missing required path, no file."""
+OWN = ("shakespeare", "owt", "lm1b")
+"""The datasets this module registers (each with its ``_validation`` split)."""
+
+
+def check_dataset(name: str, path: str | None, *, tokenizer=None, seq_len: int = 1, flag: str = "--dataloader") -> None:
+    """Fail fast on a dataset that cannot load, each a one-line error naming ``flag`` (``--dataloader`` or
+    ``--validator.dataloader``): unknown name, missing required path, no file; and for this module's
+    datasets, a bad record (file and line), an empty split, or (with ``tokenizer``) a split shorter than
+    one sequence of ``seq_len`` tokens. Loading builds the Arrow cache the dataloader then reuses."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown {flag}.dataset {name!r}; choose one of {sorted(DATASETS)}")
     path = path or DATASETS[name].path
-    if name.split("_validation")[0] in ("owt", "lm1b"):
-        _require(path, name, "the data files")
-    if path and not Path(path).is_dir():
-        _open_files(path, name)
+    own = name.removesuffix("_validation") in OWN
+    if own and not path:
+        raise ValueError(f"dataset {name!r} needs {flag}.dataset_path pointing at its data files")
+    if path and not (own and name.startswith("lm1b") and fsspec.core.url_to_fs(path)[0].isdir(path)):
+        _open_files(path, name, f"{flag}.dataset_path")
+    if not own:
+        return
+    try:
+        ds = DATASETS[name].loader(path)
+    except ValueError as e:
+        raise ValueError(f"{e} ({flag}.dataset_path)") from None
+    if len(ds) == 0:
+        raise ValueError(f"dataset {name!r} at {path!r} has an empty split: no documents ({flag}.dataset_path)")
+    if tokenizer is not None:
+        tokens = 0  # titan's text dataset: each document gives len(encode(text, bos, eos)) - 1 positions
+        for sample in ds:
+            tokens += len(tokenizer.encode(_text(sample), add_bos=True, add_eos=True)) - 1
+            if tokens >= seq_len:
+                return
+        raise ValueError(f"dataset {name!r} at {path!r} holds {tokens} tokens, fewer than one sequence of "
+                         f"training.seq_len = {seq_len}: lower --training.seq_len or use more data "
+                         f"({flag}.dataset_path)")
 
 
 def dataset_texts(name: str, path: str | None) -> Iterator[str]:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.tools.logging import logger
 
-from .datasets import SHAKESPEARE_PATH, SHAKESPEARE_VALIDATION_TITLES, _open_files, iter_lines
+from .datasets import SHAKESPEARE_PATH, SHAKESPEARE_VALIDATION_TITLES, _open_files, json_records
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz"
 """text8's 27 symbols in id order: space = 0, a..z = 1..26."""
@@ -165,7 +164,7 @@ def embedded_text8(split: str, path: str = SHAKESPEARE_PATH) -> str:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    works = [json.loads(line) for line in iter_lines(path, "shakespeare_text8")]
+    works = list(json_records(path, "shakespeare_text8", needs=("title", "text")))
     held_out = [w["title"] in SHAKESPEARE_VALIDATION_TITLES for w in works]
     if not any(held_out):
         raise ValueError(f"{path!r} holds none of the validation works {SHAKESPEARE_VALIDATION_TITLES}")
@@ -316,18 +315,26 @@ class Text8DataLoader(ParallelAwareDataloader):
             if not 1 <= self.markov_order <= 3:
                 raise ValueError(f"--dataloader.markov_order is {self.markov_order}; use 1, 2 or 3")
 
-        def check(self) -> None:
-            """Fail fast (before a model is built) on settings or files this loader cannot use."""
+        def check(self, seq_len: int | None = None, flag: str = "--dataloader") -> None:
+            """Fail fast (before a model is built) on settings or files this loader cannot use, each a
+            one-line error naming ``flag`` (``--dataloader`` or ``--validator.dataloader``); with ``seq_len``,
+            also a split shorter than one sequence (the split is read and encoded now, cached for the build)."""
             Text8DataLoader.Config.__post_init__(self)  # the fields may have changed since construction
+            path_flag = f"{flag}.dataset_path"
             if self.dataset == "text8":
                 if not self.dataset_path:
-                    raise ValueError(f"dataset 'text8' needs {_PATH_FLAG} pointing at text8 or text8.zip")
-                _open_files(self.dataset_path, "text8")
-                split_ids("text8", self.dataset_path, self.split)  # read + alphabet check now (cached for the build)
+                    raise ValueError(f"dataset 'text8' needs {path_flag} pointing at text8 or text8.zip")
+                _open_files(self.dataset_path, "text8", path_flag)
             elif self.dataset == "markov" and self.dataset_path:
-                raise ValueError(f"dataset 'markov' is generated, not read: unset {_PATH_FLAG}")
+                raise ValueError(f"dataset 'markov' is generated, not read: unset {path_flag}")
             elif self.dataset == "shakespeare_text8" and self.dataset_path:
-                _open_files(self.dataset_path, "shakespeare_text8")
+                _open_files(self.dataset_path, "shakespeare_text8", path_flag)
+            if self.dataset == "text8" or seq_len is not None:
+                ids = split_ids(self.dataset, self.dataset_path, self.split, self.markov_order, self.markov_seed)
+                if seq_len is not None and ids.numel() < seq_len:
+                    raise ValueError(f"{self.dataset} {self.split} has {ids.numel():,} characters, fewer than one "
+                                     f"sequence of training.seq_len = {seq_len}: lower --training.seq_len or point "
+                                     f"{path_flag} at more text")
 
     def __init__(
         self,

@@ -8,9 +8,11 @@ Usage: faults.py nan|die OUT_DIR K STEPS
 
 import os
 import sys
+from pathlib import Path
 
-import dblocks_titan  # noqa: F401
-from dblocks_titan.train import _single_process_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's package, not an installed copy
+import dblocks_titan  # noqa: E402, F401
+from dblocks_titan.train import _single_process_env  # noqa: E402
 
 
 def main() -> None:
