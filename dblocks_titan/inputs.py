@@ -213,7 +213,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "profiler.profile_freq": at_least(1),
     "dblocks.num_blocks": at_least(1),
     "dblocks.gamma": unit_interval(False),
-    "dblocks.sigma_max_share": unit_interval(True),
+    "dblocks.edge_share": unit_interval(True),
     "dblocks.steps_per_block": at_least(1),
     "dblocks.running_loss_decay": unit_interval(False),
     "dblocks.edm.p_mean": FINITE,

@@ -40,15 +40,16 @@ class ARCorruption:
 
 def ar_corrupt(
     labels: torch.Tensor, *, block: int, num_blocks: int, gamma: float, dim: int, edm: EDMConfig,
-    generator: torch.Generator, sigma_max_share: float = 0.0,
+    generator: torch.Generator, edge_share: float = 0.0,
 ) -> ARCorruption:
     """Draw σ per sample for ``block`` and the Gaussian noise for the targets ``labels`` [B, N].
-    Block 0 puts each sample at σ_max with probability ``sigma_max_share``."""
+    Block 0 puts each sample at σ_max, block B − 1 at σ_min, with probability ``edge_share``."""
     batch, n = labels.shape
     sigma = sample_sigma(block, num_blocks, batch, gamma, edm, generator=generator, device=labels.device)
-    if block == 0 and sigma_max_share > 0:
-        at_max = torch.rand(batch, generator=generator, device=labels.device) < sigma_max_share
-        sigma = torch.where(at_max, edm.sigma_max, sigma)
+    edges = {0: edm.sigma_max, num_blocks - 1: edm.sigma_min}
+    if block in edges and edge_share > 0:
+        at_edge = torch.rand(batch, generator=generator, device=labels.device) < edge_share
+        sigma = torch.where(at_edge, edges[block], sigma)
     noise = torch.randn(batch, n, dim, generator=generator, device=labels.device)
     return ARCorruption(sigma=sigma, noise=noise)
 
@@ -174,7 +175,7 @@ class ARObjective:
     def __call__(self, model, inputs, labels, extra_kwargs, *, block, generator, global_valid_tokens):
         db = self.db
         c = ar_corrupt(labels, block=block, num_blocks=db.num_blocks, gamma=db.gamma, dim=self.dim, edm=db.edm,
-                       generator=generator, sigma_max_share=db.sigma_max_share)
+                       generator=generator, edge_share=db.edge_share)
         hidden = model(inputs, **extra_kwargs, labels=labels, sigma=c.sigma, noise=c.noise, block=block,
                        skip_lm_head=True)
         return ar_loss(hidden, labels, c.sigma, weighting=db.weighting, edm=db.edm,

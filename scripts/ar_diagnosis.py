@@ -16,10 +16,13 @@ is then evaluated here on the first ``--batches`` held-out batches (the validato
 - titan twins (8, 2 and 1 layers): their next-token CE;
 - the unigram CE of the same batches (train-split frequencies, add-one): every CE stands beside it.
 
-The variants: ``db_paper`` is the recipe as the paper and this project's first version had it
-(per-layer adaLN on a full-width conditioning vector, adaLN-Zero gates, c_noise × 1000, the slot
-input c_in·z, the final norm twice, global depth init, no σ_max share); each ``db_<fix>`` changes one
-thing from it; ``db_default`` is the shipped default (train_configs/debug_dblocks.toml as is).
+The variants: ``db_default`` is the shipped default (train_configs/debug_dblocks.toml as is);
+``db_paper`` the recipe as the paper and this project's first version had it (per-layer adaLN on a
+full-width conditioning vector, adaLN-Zero gates, c_noise × 1000, the slot input c_in·z, the final
+norm twice, global depth init, the log-normal density alone); each other ``db_<change>`` changes one
+thing from the default (leave-one-out, or an option the default does not take). ``twin8_flops``
+trains the twin for the DB runs' layer-FLOPs (600 DB steps ≈ 340 twin steps at this shape; the
+150-step twin is the "equal layer-updates" point of the B× step convention).
 """
 
 from __future__ import annotations
@@ -45,13 +48,13 @@ from dblocks_titan import ar_eval  # noqa: E402
 from dblocks_titan.checkpoints import checkpoint_dir  # noqa: E402
 from dblocks_titan.diffusion import sample_sigma, widened_range, block_sigma_range  # noqa: E402
 from dblocks_titan.eval import heldout_batches, load_plain_model  # noqa: E402
-from dblocks_titan.toml_config import load_toml, tomllib  # noqa: E402
+from dblocks_titan.config_registry import load_toml  # noqa: E402
+from dblocks_titan.tables import tomllib  # noqa: E402
 
 DB_TOML = ROOT / "train_configs/debug_dblocks.toml"
 TWIN_TOML = ROOT / "train_configs/debug_llama_baseline.toml"
 PAPER = {"cond_dim": 128, "adaln": "per_layer", "gate_init": 0.0, "time_scale": 1000.0, "depth_init": "global",
          "noisy_input": "c_in", "noisy_scale": 1.0, "readout_norm": "twice", "clean_cond": "sigma"}
-TOKEN_PROJ = {"noisy_input": "token_proj", "time_scale": 1.0, "readout_norm": "once"}
 """The first version's [model] options at debugmodel (d = 128: a full-width conditioning vector)."""
 
 
@@ -63,39 +66,36 @@ class Run:
     model: dict = field(default_factory=dict)
     dblocks: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    lr_scheduler: dict = field(default_factory=dict)
 
     @property
     def dblocks_model(self) -> bool:
         return self.base == DB_TOML
 
 
-def paper(**changes) -> dict:
-    return {**PAPER, **changes}
+PAPER_DBLOCKS = {"edge_share": 0.0}
 
 
 RUNS = [
-    Run("twin8", "titan llama3, 8 layers (the e2e twin), 150 steps", TWIN_TOML),
+    Run("twin8", "titan llama3, 8 layers (the e2e twin), 150 steps: equal layer-updates", TWIN_TOML),
+    Run("twin8_flops", "the same, 340 steps: the DB runs' layer-FLOPs", TWIN_TOML,
+        training={"steps": 340}, lr_scheduler={"warmup_steps": 23}),
     Run("twin2", "titan llama3, 2 layers (block 0's depth), 150 steps", TWIN_TOML, model={"n_layers": 2}),
     Run("twin1", "titan llama3, 1 layer, 150 steps", TWIN_TOML, model={"n_layers": 1}),
-    Run("db_paper", "the paper's recipe (this project's first version)", model=paper()),
-    Run("db_cond64", "conditioning width 64 (dim/6 rounded up to 64)", model=paper(cond_dim=64)),
-    Run("db_single", "adaLN-single (cond 64)", model=paper(cond_dim=64, adaln="single")),
-    Run("db_gate1", "gates start at 1 (plain pre-norm layers)", model=paper(gate_init=1.0)),
-    Run("db_time1", "c_noise fed as is (no ×1000)", model=paper(time_scale=1.0)),
-    Run("db_token", "slot input E[x_i] + c_in·z", model=paper(noisy_input="token")),
-    Run("db_token_proj", "slot input E[x_i] + W·c_in·z (W zero-init)", model=paper(noisy_input="token_proj")),
-    Run("db_scale01", "slot input 0.1·c_in·z", model=paper(noisy_scale=0.1)),
-    Run("db_norm_once", "one final norm", model=paper(readout_norm="once")),
-    Run("db_depth_block", "per-block depth init", model=paper(depth_init="per_block")),
-    Run("db_sigmamax", "25% of block 0's samples at σ_max", model=paper(), dblocks={"sigma_max_share": 0.25}),
-    Run("db_clean_min", "clean half conditioned at σ_min", model=paper(clean_cond="sigma_min")),
-    Run("db_tp_shared_cin", "E[x_i] + W·c_in·z, one W for all blocks, c_noise as is, one norm",
-        model={**TOKEN_PROJ, "noisy_coeff": "c_in", "noisy_proj": "shared"}),
-    Run("db_tp_shared_cskip", "… with c_skip·z instead of c_in·z",
-        model={**TOKEN_PROJ, "noisy_coeff": "c_skip", "noisy_proj": "shared"}),
-    Run("db_tp_block_cin", "… c_in·z, but W per block",
-        model={**TOKEN_PROJ, "noisy_coeff": "c_in", "noisy_proj": "per_block"}),
     Run("db_default", "the shipped default (train_configs/debug_dblocks.toml)"),
+    Run("db_paper", "the paper's recipe (this project's first version)", model=PAPER, dblocks=PAPER_DBLOCKS),
+    Run("db_paper_edges", "the paper's recipe with the default's edge_share (0.25)", model=PAPER),
+    Run("db_no_edges", "default, no samples at σ_max / σ_min (edge_share 0)", dblocks=PAPER_DBLOCKS),
+    Run("db_slot_c_in", "default, but the slot input c_in·z (the paper's)", model={"noisy_input": "c_in"}),
+    Run("db_proj_shared", "default, but one W for all blocks", model={"noisy_proj": "shared"}),
+    Run("db_coeff_c_in", "default, but W·c_in·z (not c_skip·z)", model={"noisy_coeff": "c_in"}),
+    Run("db_time1000", "default, but c_noise × 1000", model={"time_scale": 1000.0}),
+    Run("db_norm_twice", "default, but the final norm twice", model={"readout_norm": "twice"}),
+    Run("db_cond_full", "default, but a full-width conditioning vector (cond_dim 128)", model={"cond_dim": 128}),
+    Run("db_single", "default, with adaLN-single", model={"adaln": "single"}),
+    Run("db_gate1", "default, gates start at 1", model={"gate_init": 1.0}),
+    Run("db_clean_min", "default, clean half conditioned at σ_min", model={"clean_cond": "sigma_min"}),
+    Run("db_depth_block", "default, per-block depth init", model={"depth_init": "per_block"}),
 ]
 
 
@@ -129,6 +129,7 @@ def run_table(run: Run, seed: int, dump: Path) -> dict:
     table["job"] = {**table.get("job", {}), "dump_folder": str(dump)}
     table["model"] = {**table["model"], **run.model}
     table["training"] = {**table["training"], **run.training}
+    table["lr_scheduler"] = {**table["lr_scheduler"], **run.lr_scheduler}
     table["debug"] = {**table.get("debug", {}), "seed": seed}
     if run.dblocks_model:
         table["dblocks"] = {**table["dblocks"], **run.dblocks, "seed": seed}
@@ -237,6 +238,13 @@ def write_report(results: dict, support: list[dict], args, out_md: Path) -> None
         if "block_sigma_ce" in per_seed[0]:
             for b, row in enumerate(per_seed[0]["block_sigma_ce"]):
                 lines.append(f"| {name} | {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    lines += ["", "## Sampler CE of each level of the chain (N = B levels, soft bridge, Euler; first seed)", "",
+              "CE_S of the distribution the chain gives at each level, i.e. of the sampler stopped there.", "",
+              "| run | level | σ | block | S=1 | S=4 | S=16 |", "|---|---|---|---|---|---|---|"]
+    for name, per_seed in results.items():
+        for j, row in enumerate(per_seed[0].get("sampler_ce_per_level", [])):
+            lines.append(f"| {name} | {j} | {row['sigma']:.4g} | {row['block']} | "
+                         + " | ".join(f"{row[f'S={k}']:.3f}" for k in (1, 4, 16)) + " |")
     lines += ["", "## The σ each block trains on (B = 4, γ = 0.1, the paper's log-normal)", "",
               "| block | widened range | P(σ > 40) |", "|---|---|---|"]
     lines += [f"| {r['block']} | [{r['lo']:.4g}, {r['hi']:.4g}] | {r['p_above_40']:.1e} |" for r in support]
