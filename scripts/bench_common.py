@@ -185,6 +185,13 @@ def build_model(cfg, device: torch.device, *, ac: str = "none", seed: int = 0) -
     return model
 
 
+def compile_layers(model: nn.Module) -> None:
+    """Per-layer ``torch.compile`` (inductor, fullgraph) of every ``model.layers`` child, after AC, as
+    titan's ``apply_compile`` does in ``parallelize_llama``."""
+    for layer in model.layers.values():
+        layer.compile(fullgraph=True)
+
+
 def build_optimizer(model: nn.Module, *, init_all_states: bool):
     """titan's AdamW container (``default_adamw``, as ``config_registry.recipe``).
 
