@@ -40,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.optimizer import default_adamw
 from torchtitan.distributed import activation_checkpoint as titan_ac
+from torchtitan.models.common import FlexAttention
 
 from dblocks_titan.models import mdlm
 from dblocks_titan.models.block_denoiser import decoder_parts, flavor_kwargs
@@ -313,9 +314,13 @@ class E2EStep(Step):
             model._skip_lm_head = True
         else:
             self.loss_fn = CrossEntropyLoss.Config().build()
+        self.mask_args = ()  # titan's FlexAttention (GPU) needs the block-causal BlockMask; SDPA is causal itself
+        if isinstance(cfg.layers[0].attention.inner_attention, FlexAttention.Config):
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+            self.mask_args = (positions, model.get_attention_masks(positions))
 
     def loss(self, block: int = 0) -> torch.Tensor:
-        pred = self.model(self.inputs)
+        pred = self.model(self.inputs, *self.mask_args)
         loss, _ = self.loss_fn(pred, self.labels, self.gvt)
         return loss
 
