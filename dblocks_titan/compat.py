@@ -183,6 +183,17 @@ def patch_restart_store() -> None:
     rendezvous._create_c10d_store = create_attempt_store
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, but ``t`` itself where it already has that dtype (the same result).
+
+    Reason: under ``torch.compile``, torch 2.11 (the GPU machine's) returns zero gradients for every
+    input of a custom ``autograd.Function`` whose forward returns a no-op ``.to`` of its result (an
+    fp32 run of ``_ModulatedRMSNorm`` / ``_NoisyAttention``: per-layer compile lost the norms', adaLN's
+    and q/k/v projections' gradients); torch 2.13 is right. A real cast (bf16) is not affected.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def default_spmd_backend() -> str:
     """The ``parallelism.spmd_backend`` our recipes use.
 
