@@ -27,7 +27,11 @@ WORK=${GPU_CHECK_WORK:-results/gpu_check}
 RESULTS=${GPU_CHECK_RESULTS:-results}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 export GPU_CHECK_BUDGET_S=$BUDGET GPU_CHECK_DRY_RUN=$DRY PYTHONUNBUFFERED=1
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [[ $DRY == 1 ]]; then  # nothing is installed: do not pick up an old $SITE
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
 T0=$(date +%s)
 rm -rf "$WORK"
 mkdir -p "$WORK"
