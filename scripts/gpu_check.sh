@@ -13,10 +13,11 @@
 #   GPU_CHECK_BUDGET_S  wall-clock budget of all steps; a step gets at most what is left (525)
 #   GPU_CHECK_SITE      where the wheels are installed, put first on PYTHONPATH (/tmp/site)
 #   GPU_CHECK_WORK      step logs and outputs (results/gpu_check)
-#   GPU_CHECK_RESULTS   where the report goes (results)
+#   GPU_CHECK_RESULTS   where the report goes (results; in a dry run GPU_CHECK_WORK)
 #   GPU_CHECK_DRY_RUN   1: install and run nothing; print each step's command, and probe its entry point
 #                       instead (all probes in one Python process: the wheel list, imports of the scripts and
-#                       test module, the training config with its overrides); the report is gpu_dry_run.md
+#                       test module, the training config with its overrides, the environment); the report is
+#                       gpu_dry_run.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -24,8 +25,8 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-525}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 WORK=${GPU_CHECK_WORK:-results/gpu_check}
-RESULTS=${GPU_CHECK_RESULTS:-results}
 DRY=${GPU_CHECK_DRY_RUN:-0}
+if [[ $DRY == 1 ]]; then RESULTS=${GPU_CHECK_RESULTS:-$WORK}; else RESULTS=${GPU_CHECK_RESULTS:-results}; fi
 export GPU_CHECK_BUDGET_S=$BUDGET GPU_CHECK_DRY_RUN=$DRY PYTHONUNBUFFERED=1
 if [[ $DRY == 1 ]]; then  # nothing is installed: do not pick up an old $SITE
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
