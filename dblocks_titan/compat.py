@@ -59,6 +59,67 @@ def patch_cpu_device() -> None:
             setattr(torch.cpu, name, fn)
 
 
+def patch_fsdp_mesh_dims() -> None:
+    """Give ``torch.distributed.fsdp`` a ``DataParallelMeshDims`` where torch lacks it.
+
+    Reason: titan 0.3.0 imports ``DataParallelMeshDims`` from ``torch.distributed.fsdp`` at import
+    time (``torchtitan.distributed.full_dtensor``, reached from the trainer), and torch 2.11 (the
+    GPU machine's torch) does not have it: torch 2.13 does. Titan uses it only for
+    ``parallelism.spmd_backend`` "full_dtensor" / "spmd_types"; with our "partial_dtensor"
+    (:func:`default_spmd_backend`) it passes ``dp_mesh_dims=None`` and never builds one. The
+    stand-in makes the import succeed and fails with one line if a full-DTensor mesh asks for it.
+    Must run before torchtitan is imported; ``python -m torchtitan.train`` imports titan before
+    any plugin, so on such a torch launch with ``python -m dblocks_titan.train`` instead.
+    """
+    import torch.distributed.fsdp as fsdp
+
+    if hasattr(fsdp, "DataParallelMeshDims") or not _once("fsdp_mesh_dims"):
+        return
+
+    class DataParallelMeshDims:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError(
+                f"parallelism.spmd_backend 'full_dtensor' / 'spmd_types' needs torch.distributed.fsdp."
+                f"DataParallelMeshDims, which torch {torch.__version__} lacks: use "
+                f"--parallelism.spmd_backend partial_dtensor (the default of dblocks_titan's recipes)."
+            )
+
+    DataParallelMeshDims.__module__ = "torch.distributed.fsdp"
+    fsdp.DataParallelMeshDims = DataParallelMeshDims
+
+
+def patch_grouped_fsdp_units() -> None:
+    """Shard titan's ``[norm, lm_head]`` FSDP unit as two units where torch's FSDP2 cannot run it.
+
+    Reason: titan 0.3.0's ``apply_fsdp_to_decoder`` puts ``norm`` and ``lm_head`` in one FSDP unit,
+    and its ``ChunkedLossWrapper`` (our AR and masked losses too) calls the model with the head
+    skipped, then the head per chunk, then ``lm_head.reshard()``. torch 2.13's FSDP2 completes a
+    unit whose modules did not all run from the root's post-forward
+    (``FSDPState._force_complete_incomplete_states``), so the norm's output gets its pre-backward
+    hook. torch 2.11 (the GPU machine's) does not: the norm's output has no hook, the unit is
+    resharded before the decoder's backward reaches the norm, and that backward reads the freed
+    unsharded weight (a segfault in ``MulBackward0`` on CPU; garbage or an illegal access on GPU).
+    As separate units each module completes its own forward. Lists whose modules share a
+    parameter (tied embeddings) stay one unit.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    if hasattr(FSDPState, "_force_complete_incomplete_states") or not _once("grouped_fsdp_units"):
+        return
+    import torchtitan.distributed.fsdp as titan_fsdp
+
+    fully_shard = titan_fsdp.fully_shard
+
+    def fully_shard_each(module, **kwargs):
+        if isinstance(module, (list, tuple)):
+            params = [{id(p) for p in m.parameters()} for m in module]
+            if sum(map(len, params)) == len(set().union(*params)):  # no parameter shared
+                return [fully_shard(m, **kwargs) for m in module]
+        return fully_shard(module, **kwargs)
+
+    titan_fsdp.fully_shard = fully_shard_each
+
+
 def patch_pg_timeouts() -> None:
     """Replace ``torchtitan.distributed.utils.set_pg_timeouts``.
 
@@ -122,6 +183,17 @@ def patch_restart_store() -> None:
     rendezvous._create_c10d_store = create_attempt_store
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, but ``t`` itself where it already has that dtype (the same result).
+
+    Reason: under ``torch.compile``, torch 2.11 (the GPU machine's) returns zero gradients for every
+    input of a custom ``autograd.Function`` whose forward returns a no-op ``.to`` of its result (an
+    fp32 run of ``_ModulatedRMSNorm`` / ``_NoisyAttention``: per-layer compile lost the norms', adaLN's
+    and q/k/v projections' gradients); torch 2.13 is right. A real cast (bf16) is not affected.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def default_spmd_backend() -> str:
     """The ``parallelism.spmd_backend`` our recipes use.
 
@@ -133,7 +205,10 @@ def default_spmd_backend() -> str:
 
 
 def apply() -> None:
-    """Apply the import-time patches (device first: titan reads it on import)."""
+    """Apply the import-time patches (device first: titan reads it on import; the FSDP stand-in
+    before anything imports titan)."""
     patch_cpu_device()
+    patch_fsdp_mesh_dims()
+    patch_grouped_fsdp_units()
     patch_pg_timeouts()
     patch_restart_store()

@@ -22,6 +22,7 @@ from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.config.configs import DebugConfig
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+from torchtitan.models.common import Linear
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
@@ -71,6 +72,29 @@ def _architecture(name: str, options: dict) -> dict:
     return kwargs
 
 
+PER_SAMPLE_MODULES = ("adaln", "t_embedder", "final_adaln", "adaln_single")
+"""Module names of the noise-level conditioning: every Linear inside one of them takes one row per
+sample (c [B, D] or the noise label's features [B, 256]), not one per token."""
+
+
+def float8_skipped_fqns(model_config) -> list[str]:
+    """FQNs of the Linears that float8 leaves in high precision: the head (as titan's recipes do) and
+    every Linear with an FQN component in :data:`PER_SAMPLE_MODULES`.
+
+    Why the per-sample ones: a Linear's weight gradient ``dW = dYᵀ·X`` contracts over its input's
+    rows, here the local batch size, and CUDA's ``torch._scaled_mm`` needs every contracted dimension
+    to be a multiple of 16, so as Float8Linear they crash at the usual small local batch (e.g. 2–8).
+    They run once per sample, a negligible share of the FLOPs, so float8 would buy nothing there.
+    Keyed on module names, not shapes (a per-sample Linear can have float8-friendly shapes). Exact
+    FQNs are returned because titan's filter matches them as substrings.
+    """
+    skipped = ["lm_head"]
+    for fqn, *_ in model_config.traverse(Linear.Config):
+        if set(fqn.split(".")) & set(PER_SAMPLE_MODULES):
+            skipped.append(fqn)
+    return skipped
+
+
 def model_registry(
     name: str, flavor: str, *, attn_backend: str = "auto", vocab_size: int | None = None, n_layers: int | None = None,
     float8: str = "none", compile: bool = False, **options,
@@ -81,9 +105,10 @@ def model_registry(
     the DiffusionBlocks models' conditioning and noisy slot.
 
     ``float8``: titan's ``Float8LinearConverter`` swaps every eligible Linear (both dims divisible by
-    16; the head excluded, as in titan's recipes) for torchao's Float8Linear: ``rowwise`` (H100-class
-    GPUs) or ``emulate`` (any device, eager only: for tests). ``compile`` tells it whether the
-    layers will be compiled. ``depths``: :data:`DEPTH_KEYS` of the recurrent models.
+    16; the head and the per-sample conditioning Linears excluded, :func:`float8_skipped_fqns`) for
+    torchao's Float8Linear: ``rowwise`` (H100-class GPUs) or ``emulate`` (any device, eager only: for
+    tests). ``compile`` tells it whether the layers will be compiled. ``depths``: :data:`DEPTH_KEYS` of
+    the recurrent models.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODELS}.")
@@ -114,7 +139,7 @@ def model_registry(
         raise ValueError(f"[model] float8 must be one of {FLOAT8}, got {float8!r}.")
     if float8 != "none":
         converter = Float8LinearConverter.Config(
-            emulate=float8 == "emulate", model_compile_enabled=compile, filter_fqns=["lm_head"]
+            emulate=float8 == "emulate", model_compile_enabled=compile, filter_fqns=float8_skipped_fqns(model)
         )
         model = converter.build().convert(model)
     return ModelSpec(

@@ -41,6 +41,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 from torchtitan.components.optimizer import default_adamw
 from torchtitan.distributed import activation_checkpoint as titan_ac
+from torchtitan.models.common import FlexAttention
 
 from dblocks_titan.models import mdlm
 from dblocks_titan.models.block_denoiser import decoder_parts, flavor_kwargs
@@ -186,6 +187,13 @@ def build_model(cfg, device: torch.device, *, ac: str = "none", seed: int = 0) -
     return model
 
 
+def compile_layers(model: nn.Module) -> None:
+    """Per-layer ``torch.compile`` (inductor, fullgraph) of every ``model.layers`` child, after AC, as
+    titan's ``apply_compile`` does in ``parallelize_llama``."""
+    for layer in model.layers.values():
+        layer.compile(fullgraph=True)
+
+
 def build_optimizer(model: nn.Module, *, init_all_states: bool):
     """titan's AdamW container (``default_adamw``, as ``config_registry.recipe``).
 
@@ -307,9 +315,13 @@ class E2EStep(Step):
             model._skip_lm_head = True
         else:
             self.loss_fn = CrossEntropyLoss.Config().build()
+        self.mask_args = ()  # titan's FlexAttention (GPU) needs the block-causal BlockMask; SDPA is causal itself
+        if isinstance(cfg.layers[0].attention.inner_attention, FlexAttention.Config):
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+            self.mask_args = (positions, model.get_attention_masks(positions))
 
     def loss(self, block: int = 0) -> torch.Tensor:
-        pred = self.model(self.inputs)
+        pred = self.model(self.inputs, *self.mask_args)
         loss, _ = self.loss_fn(pred, self.labels, self.gvt)
         return loss
 

@@ -152,6 +152,8 @@ def run(args, device) -> tuple[list[Timing], float]:
             continue
         if args.amp == "bf16":
             built.amp_dtype = torch.bfloat16
+        if args.compile:
+            bc.compile_layers(built.model)
         steps[name] = built
         timings[name] = Timing(name=name, active_layers=built.active_layers, cycle=getattr(built, "num_blocks", 1),
                                positions_per_token=built.positions_per_token,
@@ -334,6 +336,7 @@ def main(argv=None) -> None:
     p.add_argument("--attn-backend", default="auto", help="auto (flex on CUDA for DB, else sdpa) | sdpa | flex")
     p.add_argument("--amp", choices=("none", "bf16"), default=None,
                    help="autocast of forward+loss; default bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="per-layer torch.compile (titan's apply_compile)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (≥ 10)")
     p.add_argument("--profile-steps", type=int, default=6, help="torch.profiler steps per variant, rounded up to whole block cycles (0: off)")
@@ -369,7 +372,7 @@ def main(argv=None) -> None:
         bc.load_line(load_start),
         f"- AR variants: flavor `{args.flavor}`; MDLM variants: mdlm flavor `{args.mdlm_flavor}` with n_layers = "
         f"{args.mdlm_layers} (B = 4 must divide it). Batch {args.batch}, N = {args.seq} input tokens per sample for "
-        f"every variant; weights and AdamW fp32, autocast {args.amp}, one process (no FSDP), attention backend "
+        f"every variant; weights and AdamW fp32, autocast {args.amp}, {'per-layer torch.compile, ' if args.compile else ''}one process (no FSDP), attention backend "
         f"`{args.attn_backend}`"
         + (" (on CPU: titan's causal SDPA for e2e llama3, `CleanNoisySDPA` for AR DB — causal SDPA of the clean half + "
            "noisy queries over the clean keys with the self key merged by log-sum-exp, no 2N × 2N mask —, "

@@ -27,12 +27,14 @@ VOCAB, DIM, LAYERS = 64, 64, 4
 SHAPE = dict(dim=DIM, n_layers=LAYERS, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, ffn_multiple_of=16)  # GQA
 
 
-def build_dblocks(num_blocks=2, seed=0, conditioning=None, slot=NoisySlot()) -> DBlocksLlama:
+def build_dblocks(num_blocks=2, seed=0, conditioning=None, slot=NoisySlot(), inner_attention=None) -> DBlocksLlama:
     """A tiny DBlocksLlama with every matrix but the embedding redrawn at std 1/√D and adaLN biases
     (and tables) at std 0.3: the zero-init parts get real weights, and attention is far from uniform,
     so a cache error (e.g. a clean row that sees a later row) moves the logits by ~1e-2, not ~1e-7 as
-    at the default init. Two layers per block, so such an error reaches the next layer's keys."""
-    parts = decoder_parts(adaln=True, inner_attention=CleanNoisySDPA.Config(), conditioning=conditioning, **SHAPE)
+    at the default init. Two layers per block, so such an error reaches the next layer's keys.
+    ``inner_attention``: the uncached path's kernel (default the CPU one, ``CleanNoisySDPA``)."""
+    inner_attention = CleanNoisySDPA.Config() if inner_attention is None else inner_attention
+    parts = decoder_parts(adaln=True, inner_attention=inner_attention, conditioning=conditioning, **SHAPE)
     proj = Linear.Config(in_features=DIM, out_features=DIM) if slot.noisy_input == "token_proj" else None
     config = DBlocksLlama.Config(**parts, slot=slot, noisy_proj=proj)
     config.num_blocks = num_blocks

@@ -205,3 +205,18 @@ def test_entry_point_reports_bad_input_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"dblocks_titan: error: {bad}: unknown key 'training.lr'"
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_float8_keeps_the_per_sample_linears_by_module_name():
+    """float8_skipped_fqns keys on FQN components (adaln, t_embedder, final_adaln, adaln_single), not on
+    shapes or substrings: a shared adaLN-single Linear and per-layer adaLNs are kept in high precision,
+    a per-token Linear whose name merely contains "adaln" is not."""
+    from dblocks_titan.config_registry import float8_skipped_fqns
+
+    class Config:
+        def traverse(self, _cls):
+            for fqn in ("lm_head", "adaln_single", "t_embedder.fc1", "layers.0.adaln", "layers.0.attention.wo",
+                        "layers.0.feed_forward.w1", "layers.1.adaln_gate_proj", "final_adaln"):
+                yield fqn, None, None, None
+
+    assert float8_skipped_fqns(Config()) == ["lm_head", "adaln_single", "t_embedder.fc1", "layers.0.adaln", "final_adaln"]

@@ -269,3 +269,27 @@ def test_modulated_norm_equals_norm_then_modulate():
     torch.testing.assert_close(fused, ref)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r)
+
+
+def test_compiled_custom_functions_keep_their_gradients():
+    """The fused modulated norm and the noisy-slot attention under torch.compile (fp32) give eager's
+    gradients (torch 2.11's compile zeroes them when a Function's forward ends in a no-op ``.to``:
+    ``compat.cast``)."""
+    from dblocks_titan.models.block_denoiser import modulated_norm
+    from dblocks_titan.models.dblocks_llama import CleanNoisyMask, CleanNoisySDPA
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(16, eps=1e-5)
+    attn = CleanNoisySDPA.Config().build()
+    mask = CleanNoisyMask.from_positions(torch.arange(6).repeat(2, 1))
+
+    def f(x, shift, scale):
+        h = modulated_norm(norm, x, shift, scale).unflatten(-1, (2, 8))
+        return attn(h, h, h, attention_masks=mask).square().sum()
+
+    x, shift, scale = (torch.randn(*s, generator=g, requires_grad=True) for s in ((2, 12, 16), (2, 16), (2, 16)))
+    inputs = (x, shift, scale, norm.weight)
+    expected = torch.autograd.grad(f(x, shift, scale), inputs)
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, shift, scale), inputs)
+    for a, b in zip(compiled, expected):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # inductor sums in another order

@@ -32,6 +32,7 @@ from torchtitan.models.common.param_init import depth_scaled_std
 from torchtitan.models.llama3.model import Llama3TransformerBlock
 from torchtitan.protocols.module import Module
 
+from dblocks_titan import compat
 from dblocks_titan.models.conditioning import (
     AdaLNTable,
     default_cond_dim,
@@ -76,7 +77,7 @@ class _ModulatedRMSNorm(torch.autograd.Function):
         y = (xf * r) * weight.float() * (1 + scale.float()[:, None]) + shift.float()[:, None]
         ctx.save_for_backward(x, r, weight, scale)
         ctx.shift_dtype = shift.dtype
-        return y.to(x.dtype)
+        return compat.cast(y, x.dtype)  # not a no-op .to: torch 2.11's compile would drop the gradients
 
     @staticmethod
     def backward(ctx, dy):

@@ -39,6 +39,7 @@ from torchtitan.models.common.attention import create_attention_mask
 from torchtitan.models.llama3.model import Llama3Model
 from torchtitan.protocols.module import Module, ModuleList
 
+from dblocks_titan import compat
 from dblocks_titan.diffusion import EDMConfig, precondition
 from dblocks_titan.models.block_denoiser import (
     BlockDenoiser,
@@ -165,7 +166,8 @@ class _NoisyAttention(torch.autograd.Function):
         )
         s = scale * (q.float() * k_self.float()).sum(-1)
         lse = torch.logaddexp(lse1, s)
-        out = (torch.exp(lse1 - lse)[..., None] * out1.float() + torch.exp(s - lse)[..., None] * v_self.float()).to(q.dtype)
+        out = torch.exp(lse1 - lse)[..., None] * out1.float() + torch.exp(s - lse)[..., None] * v_self.float()
+        out = compat.cast(out, q.dtype)  # not a no-op .to: torch 2.11's compile would drop the gradients
         ctx.save_for_backward(q, k, v, k_self, v_self, mask, out, lse, s)
         ctx.scale = scale
         return out
