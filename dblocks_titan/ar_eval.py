@@ -195,6 +195,20 @@ def sigma_max_ce(model: DBlocksLlama, batches: list, *, draws: int, seed: int) -
 
 
 @torch.no_grad()
+def baseline_ce(model, batches: list) -> float:
+    """Next-token CE of a titan llama3 model (the e2e twin) over ``batches``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens, _, labels = _batch_tensors(batch, device)
+        logits = sampling.baseline_logits(model, tokens)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / count
+
+
+@torch.no_grad()
 def sampler_ce(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seeds=(0, 1),
                chain: sampling.Chain = sampling.Chain()) -> dict:
     """Sampler CE over ``batches`` for each S of ``samples`` (nested: CE_S uses the first S of

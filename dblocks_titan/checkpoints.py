@@ -23,6 +23,7 @@ Also here: the model / shape / ``num_blocks`` checks of the checkpoint a run res
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -244,14 +245,21 @@ def checkpoint_dir(dump_folder: str, folder: str, step: int, *, fallback: bool =
 
 
 def check_weights(config, step_dir: str) -> None:
-    """The checkpoint holds exactly the weights of the config's model, at its shapes, and (for a
-    DiffusionBlocks run, unless it is a model-only ``step-0`` seed) the trainer's state, trained
-    with the config's ``dblocks.num_blocks``."""
+    """The checkpoint was trained with the config's ``dblocks.num_blocks`` (a DiffusionBlocks run's, unless
+    it is a model-only ``step-0`` seed) and holds exactly the weights of the config's model, at its shapes."""
     spec = config.model_spec
     what = f"model {spec.name!r} flavor {spec.flavor!r}"
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in spec.model.build().state_dict().items()}
     metadata = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    dblocks = getattr(config, "dblocks", None)
+    model_config = spec.model
+    trained = dblocks is not None and os.path.basename(os.path.normpath(step_dir)) != "step-0"  # step-0: a seed
+    key = f"{TRAIN_STATE}.num_blocks"
+    if trained and key in metadata:  # first: another B also changes the per-block weights' keys
+        check_num_blocks(step_dir, dblocks.num_blocks)
+    if dblocks is not None and hasattr(model_config, "num_blocks"):  # the trainer sets it from [dblocks] later
+        model_config = dataclasses.replace(model_config, num_blocks=dblocks.num_blocks)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_config.build().state_dict().items()}
     saved = {k: tuple(v.size) for k, v in metadata.items()
              if k.split(".")[0] not in (OPTIMIZER, LR_SCHEDULER, DATALOADER, TRAIN_STATE)}
     for missing, holder, lacker in ((expected.keys() - saved.keys(), what, "the checkpoint"),
@@ -263,14 +271,15 @@ def check_weights(config, step_dir: str) -> None:
         if expected[key] != saved[key]:
             raise InputError(f"{step_dir} does not fit {what}: {key!r} is {list(saved[key])} there but "
                              f"{list(expected[key])} in the model; use the config it was trained with")
-    dblocks = getattr(config, "dblocks", None)
-    if dblocks is None or os.path.basename(os.path.normpath(step_dir)) == "step-0":  # step-0: a model-only seed
-        return
-    key = f"{TRAIN_STATE}.num_blocks"
-    if key not in metadata:
+    if trained and f"{TRAIN_STATE}.num_blocks" not in metadata:
         raise InputError(f"{step_dir} was not written by a DiffusionBlocks run of this version (it has no "
-                         f"{key}): resume it with the config and version that wrote it, or start in a new "
-                         "--dump_folder")
+                         f"{TRAIN_STATE}.num_blocks): resume it with the config and version that wrote it, or start "
+                         "in a new --dump_folder")
+
+
+def check_num_blocks(step_dir: str, num_blocks: int) -> None:
+    """The DiffusionBlocks trainer state in the checkpoint says it was trained with ``num_blocks`` blocks."""
+    key = f"{TRAIN_STATE}.num_blocks"
     state = {key: None}
     with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads, as intended
         warnings.simplefilter("ignore", UserWarning)
@@ -280,6 +289,6 @@ def check_weights(config, step_dir: str) -> None:
             root, name = os.path.split(os.path.normpath(step_dir))
             raise CheckpointUnloadable(step_dir, _reason(e),
                                        previous_complete(root, int(name.removeprefix("step-")))) from e
-    if state[key] != dblocks.num_blocks:
+    if state[key] != num_blocks:
         raise InputError(f"{step_dir} was trained with dblocks.num_blocks = {state[key]} but the config has "
-                         f"{dblocks.num_blocks}: pass --dblocks.num_blocks {state[key]}")
+                         f"{num_blocks}: pass --dblocks.num_blocks {state[key]}")

@@ -223,10 +223,14 @@ def build_config(table: dict, sources: Sources, where: str) -> Trainer.Config:
     return apply_tables(config, table, sources, where)
 
 
+def config_from_table(table: dict, where: str) -> Trainer.Config:
+    """The ``Trainer.Config`` of a TOML table read from ``where`` (a file name, for messages)."""
+    return build_config(table, Sources(table_origins(table, where)), where)
+
+
 def load_toml(path) -> Trainer.Config:
     """The ``Trainer.Config`` of a TOML file."""
-    table = read_toml(path)
-    return build_config(table, Sources(table_origins(table, str(path))), str(path))
+    return config_from_table(read_toml(path), str(path))
 
 
 def from_train_config(name: str) -> Trainer.Config:

@@ -308,6 +308,10 @@ def check_dblocks(config: Any, sources: Sources) -> None:
         if db.offload == "block":
             raise sources.fail("dblocks.offload_optimizer", True,
                                "false (deprecated) with dblocks.offload = 'block': drop offload_optimizer")
+        if db.parallel == "blocks":
+            raise sources.fail("dblocks.offload_optimizer", True,
+                               "false with dblocks.parallel = 'blocks': a block-parallel rank holds only its own "
+                               "block, which trains at every step")
         logger.warning("dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'")
         db.offload, db.offload_optimizer = "optimizer", False
     check_model = getattr(getattr(config.model_spec, "model", None), "check_dblocks", None)

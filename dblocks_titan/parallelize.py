@@ -45,9 +45,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters outside ``model.layers`` (embeddings, head, time embedder, final norm and adaLN),
-    in ``named_parameters`` order, which is the same on every rank whichever block it holds."""
-    return [(name, p) for name, p in model.named_parameters() if not name.startswith("layers.")]
+    """The parameters of no block (embeddings, head, time embedder, final norm and adaLN, a shared
+    noisy-slot W; :meth:`BlockDenoiser.is_block_parameter`), in ``named_parameters`` order, which is the
+    same on every rank whichever block it holds."""
+    return [(name, p) for name, p in model.named_parameters() if not model.is_block_parameter(name)]
 
 
 @torch.no_grad()
@@ -63,10 +64,13 @@ def average_over_group(tensors: list[torch.Tensor], group) -> None:
 
 
 def keep_block(model: torch.nn.Module, block: int) -> None:
-    """Delete every layer that is not in ``block`` (layer names, hence checkpoint keys, are kept)."""
-    keep = {id(layer) for layer in model.block_layers(block)}
-    for name in [name for name, layer in model.layers.items() if id(layer) not in keep]:
-        del model.layers[name]
+    """Delete the modules of every other block (:meth:`BlockDenoiser.block_module_names`, entries of
+    ModuleDicts: the names, hence checkpoint keys, of those kept do not change)."""
+    for other in range(model.num_blocks):
+        if other != block:
+            for name in model.block_module_names(other):
+                parent, key = name.rsplit(".", 1)
+                del model.get_submodule(parent)[key]
 
 
 def parallelize_dblocks(

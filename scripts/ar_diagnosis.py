@@ -171,13 +171,7 @@ def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: 
     model = load_plain_model(config.model_spec.model, step_dir, torch.device("cpu"))
     out = {"unigram_ce": ar_eval.unigram_ce(unigram, batches), "step": int(Path(step_dir).name.split("-")[1])}
     if not run.dblocks_model:
-        total, count = 0.0, 0
-        for input_dict, labels in batches:
-            logits = ar_eval.sampling.baseline_logits(model, input_dict["input"])
-            valid = labels != -100
-            total += float(torch.nn.functional.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"))
-            count += int(valid.sum())
-        out["ce"] = total / count
+        out["ce"] = ar_eval.baseline_ce(model, batches)
         return out
     out["ce_sigma_max"] = ar_eval.sigma_max_ce(model, batches, draws=draws, seed=0)
     out["sampler_ce"] = ar_eval.sampler_ce(model, batches, samples=(1, 4, 16), seeds=(0, 1))

@@ -105,8 +105,9 @@ def main() -> None:
         "offload": trainer.offload.report() if hasattr(trainer, "offload") else None,
         "trace": getattr(trainer, "_trace_path", None),
     }
+    is_block_parameter = getattr(model, "is_block_parameter", lambda n: n.startswith("layers."))
     shared = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-              for n, p in model.named_parameters() if not n.startswith("layers.")}
+              for n, p in model.named_parameters() if not is_block_parameter(n)}
     torch.save(shared, os.path.join(out, f"shared{rank}.pt"))
     grads = {clean(n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in model.named_parameters() if p.grad is not None}

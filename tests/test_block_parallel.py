@@ -14,15 +14,19 @@ BLOCKS = ["--dblocks.num_blocks", "2", "--dblocks.parallel", "blocks"]
 REPORT = [*TORCHRUN, "scripts/rank_report.py"]
 
 
-def full_param_bytes() -> dict[str, int]:
-    """fp32 bytes of every parameter of the whole debug model (built on the meta device)."""
+def whole_model():
+    """The whole debug model, B = 2 (on the meta device)."""
     from dblocks_titan.config_registry import model_registry
 
     config = model_registry("dblocks_llama", "debugmodel").model
     config.num_blocks = 2
     with torch.device("meta"):
-        model = config.build()
-    return {n: p.numel() * 4 for n, p in model.named_parameters()}
+        return config.build()
+
+
+def full_param_bytes() -> dict[str, int]:
+    """fp32 bytes of every parameter of the whole debug model."""
+    return {n: p.numel() * 4 for n, p in whole_model().named_parameters()}
 
 
 def layer_ids(names) -> set[str]:
@@ -30,17 +34,21 @@ def layer_ids(names) -> set[str]:
 
 
 def test_each_rank_holds_and_trains_only_its_block(tmp_path):
-    """World mode: rank g holds exactly block g's layers (4 of 8) plus the shared modules, whole (a group
-    of one rank), with AdamW state for those alone; every one of its parameters trains; the shared
-    modules stay bit-identical across ranks; each rank's trace is its own block's loss, falling."""
+    """World mode: rank g holds exactly block g's modules (its 4 of 8 layers, its own noisy-slot W_g) plus
+    the shared modules, whole (a group of one rank), with AdamW state for those alone; every one of its
+    parameters trains; the shared modules stay bit-identical across ranks; each rank's trace is its own
+    block's loss, falling."""
     run([*REPORT, str(tmp_path), "train_configs/debug_dblocks.toml", "6", *BLOCKS])
-    full = full_param_bytes()
-    shared = {n for n in full if not n.startswith("layers.")}
+    full, model = full_param_bytes(), whole_model()
+    shared = {n for n in full if not model.is_block_parameter(n)}
+    assert "noisy_proj.0.weight" not in shared and "lm_head.weight" in shared
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         own = {str(i) for i in range(4 * rank, 4 * rank + 4)}
         assert report["block"] == rank and layer_ids(report["param_bytes"]) == own
-        expected = {n: b for n, b in full.items() if n in shared or n.split(".")[1] in own}
+        mine = tuple(m + "." for m in model.block_module_names(rank))
+        expected = {n: b for n, b in full.items() if n in shared or n.startswith(mine)}
+        assert f"noisy_proj.{rank}.weight" in expected and f"noisy_proj.{1 - rank}.weight" not in expected
         assert report["param_bytes"] == expected
         param_bytes = sum(expected.values())
         assert 2 * param_bytes <= report["optimizer_bytes"] <= 2 * param_bytes + 8 * len(expected)  # m, v (+ step)
@@ -80,14 +88,15 @@ def test_a_block_parallel_step_is_the_mean_of_the_sequential_steps_on_its_blocks
         norm = torch.stack([v.norm() for v in sequential[g].values()]).norm()
         assert norm == pytest.approx(1.0, rel=1e-4)  # training.max_norm: the sequential step was clipped
     close = lambda a, b: (a - b).norm() <= 1e-5 * b.norm() + 1e-9  # noqa: E731
+    is_block_parameter = whole_model().is_block_parameter
     for g in (0, 1):
         for name, grad in parallel[g].items():
-            if name.startswith("layers."):
+            if is_block_parameter(name):
                 assert close(grad, sequential[g][name]), name
             else:
                 assert torch.equal(grad, parallel[1 - g][name]), name
                 assert close(grad, (sequential[0][name] + sequential[1][name]) / 2), name
-    assert any(not torch.equal(sequential[0][n], sequential[1][n]) for n in parallel[0] if not n.startswith("layers."))
+    assert any(not torch.equal(sequential[0][n], sequential[1][n]) for n in parallel[0] if not is_block_parameter(n))
 
 
 def test_group_mode_keeps_one_set_of_shared_modules_per_group(tmp_path):

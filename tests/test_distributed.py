@@ -206,12 +206,12 @@ def test_fsdp_with_ac_and_compile_matches_one_process(tmp_path):
     out, one = fsdp_matches_one_process(tmp_path, "train_configs/debug_dblocks.toml", 6, 8,
                                         "--compile.enable", "activation-checkpoint:full")
     assert "Applied FullAC activation checkpointing" in out and "Compiling each TransformerBlock" in out
-    assert one[-1]["loss"] < one[0]["loss"] - 0.05
+    assert one[-1]["loss"] < one[0]["loss"] - 0.03  # 6 steps from the zero-init gates: 8.318 -> 8.269
 
 
 def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
     """``[model] float8 = "emulate"``: titan's Float8LinearConverter swaps the DB layers' per-token linears
-    (attention, MLP) for torchao's Float8Linear; the head and the per-sample conditioning linears (adaLN,
+    (attention, MLP) and the noisy slot's W_b for torchao's Float8Linear; the head and the per-sample conditioning linears (adaLN,
     time embedder, final adaLN: their weight-gradient GEMM contracts over the local batch, which CUDA's
     float8 GEMM needs to be a multiple of 16) stay high precision; and a run at local batch 2 trains like
     the plain one (emulated float8 casts round the matmul inputs: losses agree to 1e-3)."""
@@ -221,8 +221,10 @@ def test_float8_emulated_on_the_diffusionblocks_layers(tmp_path):
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     per_sample = {"lm_head", "final_adaln", "t_embedder.fc1", "t_embedder.fc2"} | {f"layers.{i}.adaln" for i in range(8)}
     assert {k for k, v in kinds.items() if v == "Linear"} == per_sample
-    assert {k.split(".", 2)[2] for k, v in kinds.items() if v == "Float8Linear"} == {
+    float8 = {k for k, v in kinds.items() if v == "Float8Linear"}
+    assert {k.split(".", 2)[2] for k in float8 if k.startswith("layers.")} == {
         "attention.qkv_linear.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"}
+    assert {k for k in float8 if not k.startswith("layers.")} == {f"noisy_proj.{b}" for b in range(model.num_blocks)}
     config = tmp_path / "f8.toml"
     config.write_text((ROOT / "train_configs/debug_dblocks.toml").read_text()
                       .replace('attn_backend = "auto"', 'attn_backend = "auto"\nfloat8 = "emulate"'))

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import dblocks_titan  # noqa: F401
 from dblocks_titan.models.huginn import dblocks_huginn_config, Depth, draw_depth, huginn_config
 from dblocks_titan.sampling import recurrent_generate
-from dblocks_titan.toml_config import build_config, InputError, TomlError
+from dblocks_titan.config_registry import config_from_table
+from dblocks_titan.toml_config import InputError, TomlError
 
 from test_distributed import ENV, PY, ROOT, run, trace
 
@@ -289,19 +290,23 @@ def table(name: str, **model) -> dict:
 ])
 def test_bad_recurrent_settings_are_one_line_errors(model, message):
     with pytest.raises(TomlError) as e:
-        build_config(table("huginn", **model), "x.toml")
+        config_from_table(table("huginn", **model), "x.toml")
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_dblocks_huginn_refuses_more_than_one_block_and_the_baselines_depth_keys():
-    with pytest.raises(TomlError, match=r"x.toml: model 'dblocks_huginn' is one weight-tied denoiser .* set "
-                                        r"\[dblocks\] num_blocks = 1"):
-        build_config({**table("dblocks_huginn"), "dblocks": {"num_blocks": 2}}, "x.toml")
+def test_dblocks_huginn_refuses_more_than_one_block_and_the_baselines_depth_keys(tmp_path):
+    from dblocks_titan.toml_config import TomlConfigManager
+
+    path = tmp_path / "x.toml"
+    path.write_text((ROOT / "train_configs/debug_dblocks_huginn.toml").read_text().replace("num_blocks = 1", "num_blocks = 2"))
+    with pytest.raises(InputError, match=r"model 'dblocks_huginn' is one weight-tied denoiser .* set "
+                                         r"\[dblocks\] num_blocks = 1"):
+        TomlConfigManager().parse_args(["--job.config_file", str(path)])
     with pytest.raises(TomlError, match="mean_depth and backprop_depth apply to 'huginn'"):
-        build_config(table("dblocks_huginn", mean_depth=8), "x.toml")
+        config_from_table(table("dblocks_huginn", mean_depth=8), "x.toml")
     with pytest.raises(TomlError, match=r"\[model\] mean_depth apply to the recurrent models"):
-        build_config(table("llama3", mean_depth=8), "x.toml")
-    assert build_config(table("dblocks_huginn", inference_depth=8), "x.toml").model_spec.model.sampler_levels == 8
+        config_from_table(table("llama3", mean_depth=8), "x.toml")
+    assert config_from_table(table("dblocks_huginn", inference_depth=8), "x.toml").model_spec.model.sampler_levels == 8
 
 
 def test_a_checkpoint_of_the_other_recurrent_model_is_refused(tmp_path):
@@ -311,7 +316,7 @@ def test_a_checkpoint_of_the_other_recurrent_model_is_refused(tmp_path):
 
     step = tmp_path / "step-5"
     dcp.save(db_huginn().state_dict(), checkpoint_id=str(step), no_dist=True)
-    config = build_config(table("huginn"), "x.toml")
+    config = config_from_table(table("huginn"), "x.toml")
     with pytest.raises(InputError, match=f"{step} is not a checkpoint of model 'huginn' flavor 'debugmodel': "
                                          "model 'huginn' flavor 'debugmodel' has 'layers.1.attention_out_norm.weight'"):
         check_weights(config, str(step))
@@ -320,11 +325,11 @@ def test_a_checkpoint_of_the_other_recurrent_model_is_refused(tmp_path):
 def test_eval_options_of_the_recurrent_pair():
     from dblocks_titan.eval import EvalOptions, resolve_options
 
-    db = build_config(table("dblocks_huginn"), "x.toml")
+    db = config_from_table(table("dblocks_huginn"), "x.toml")
     assert resolve_options(db, EvalOptions()).num_levels == 32
     assert resolve_options(db, EvalOptions(num_levels=4)).num_levels == 4
     with pytest.raises(InputError, match="apply to DiffusionBlocks models"):
-        resolve_options(build_config(table("huginn"), "x.toml"), EvalOptions(bridge="hard"))
+        resolve_options(config_from_table(table("huginn"), "x.toml"), EvalOptions(bridge="hard"))
 
 
 @pytest.mark.parametrize("name", ["lm1b_huginn", "lm1b_dblocks_huginn"])

@@ -300,31 +300,42 @@ def test_activation_checkpointing_with_offload_block(one_process, tmp_path, ac):
 # -- bad input ---------------------------------------------------------------------------------
 
 
+def debug_config_with(tmp_path, dblocks: str):
+    """x.toml: the debug config with the ``[dblocks]`` lines ``dblocks`` (replacing its num_blocks if given)."""
+    text = (ROOT / CONFIG).read_text()
+    if "num_blocks" in dblocks:
+        text = text.replace("num_blocks = 4\n", "")
+    path = tmp_path / "x.toml"
+    path.write_text(text.replace("[dblocks]", f"[dblocks]\n{dblocks}", 1))
+    return path
+
+
 @pytest.mark.parametrize("table, error", [
     ("offload = 'block'\nparallel = 'blocks'\nnum_blocks = 2",
-     "dblocks.offload = 'block' is for parallel = 'sequential': a block-parallel rank holds only its own "
-     "block, which trains at every step; set offload = 'none'"),
-    ("offload = 'optimizer'\nparallel = 'blocks'\nnum_blocks = 2", "dblocks.offload = 'optimizer' is for parallel"),
-    ("offload = 'disk'", "dblocks.offload must be one of 'none', 'optimizer', 'block', got 'disk'"),
-    ("steps_per_block = 0", "dblocks.steps_per_block must be an integer >= 1, got 0"),
-    ("steps_per_block = 2.5", "dblocks.steps_per_block must be an integer >= 1, got 2.5"),
-    ("offload_optimizer = true\noffload = 'block'", "dblocks.offload_optimizer = true (deprecated) contradicts"),
+     "dblocks.offload = 'block': must be 'none' with dblocks.parallel = 'blocks': a block-parallel rank holds only "
+     "its own block, which trains at every step"),
+    ("offload = 'optimizer'\nparallel = 'blocks'\nnum_blocks = 2",
+     "dblocks.offload = 'optimizer': must be 'none' with dblocks.parallel = 'blocks'"),
+    ("offload = 'disk'", "dblocks.offload = 'disk': must be one of 'none', 'optimizer', 'block'"),
+    ("steps_per_block = 0", "dblocks.steps_per_block = 0: must be an int >= 1"),
+    ("steps_per_block = 2.5", "dblocks.steps_per_block = 2.5: must be an int >= 1"),
+    ("offload_optimizer = true\noffload = 'block'",
+     "dblocks.offload_optimizer = True: must be false (deprecated) with dblocks.offload = 'block'"),
 ])
 def test_bad_offload_settings_are_one_line_errors(tmp_path, table, error):
-    from test_config import write
+    from dblocks_titan.toml_config import InputError, TomlConfigManager
 
-    from dblocks_titan.toml_config import InputError, load_toml
-
-    with pytest.raises(InputError, match=re.escape(f"x.toml: {error}")):
-        load_toml(write(tmp_path, f"[dblocks]\n{table}\n"))
+    path = debug_config_with(tmp_path, table)
+    with pytest.raises(InputError) as e:
+        TomlConfigManager().parse_args(["--job.config_file", str(path)])
+    assert str(e.value).startswith(f"{path}: {error}") and "\n" not in str(e.value)
 
 
 def test_offload_optimizer_is_a_deprecated_alias(tmp_path, caplog):
-    from test_config import write
+    from dblocks_titan.toml_config import TomlConfigManager
 
-    from dblocks_titan.toml_config import load_toml
-
-    config = load_toml(write(tmp_path, "[dblocks]\noffload_optimizer = true\n"))
+    path = debug_config_with(tmp_path, "offload_optimizer = true")
+    config = TomlConfigManager().parse_args(["--job.config_file", str(path)])
     assert config.dblocks.offload == "optimizer" and not config.dblocks.offload_optimizer
     assert "dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'" in caplog.text
 
@@ -337,4 +348,4 @@ def test_train_stops_before_building_anything(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Building" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"dblocks_titan: error: {config}: dblocks.offload = 'block' is for parallel = 'sequential'")
+        f"dblocks_titan: error: {config}: dblocks.offload = 'block': must be 'none' with dblocks.parallel = 'blocks'")

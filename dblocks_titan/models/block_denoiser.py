@@ -315,6 +315,16 @@ class BlockDenoiser(Decoder):
         per_block = self.n_layers // self.num_blocks
         return [self.layers[str(i)] for i in range(block * per_block, (block + 1) * per_block)]
 
+    def block_module_names(self, block: int) -> list[str]:
+        """Names of the modules that belong to ``block`` alone (trained only when it trains): its layers.
+        Everything outside every block's modules is shared."""
+        per_block = self.n_layers // self.num_blocks
+        return [f"layers.{i}" for i in range(block * per_block, (block + 1) * per_block)]
+
+    def is_block_parameter(self, name: str) -> bool:
+        """Whether the parameter ``name`` belongs to one block (see :meth:`block_module_names`)."""
+        return any(name.startswith(m + ".") for b in range(self.num_blocks) for m in self.block_module_names(b))
+
     def conditioning(self, noise_label: torch.Tensor) -> torch.Tensor:
         """``c = SiLU(emb(noise_label))`` [B, C] (noise_label [B]), fed to the adaLNs."""
         return F.silu(self.t_embedder(noise_label))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchtitan.models.common import FlexAttention, Linear, ScaledDotProductAttention
 from torchtitan.models.common.attention import create_attention_mask
 from torchtitan.models.llama3.model import Llama3Model
-from torchtitan.protocols.module import Module, ModuleList
+from torchtitan.protocols.module import Module, ModuleDict
 
 from dblocks_titan import compat
 from dblocks_titan.diffusion import EDMConfig, precondition
@@ -247,7 +247,7 @@ class DBlocksLlama(BlockDenoiser):
             the N noisy ones."""
             nparams, flops = self.block_flops(model, 2, 1, seq_len)
             if model.noisy_proj is not None:
-                flops += 6 * model.noisy_proj[0].weight.numel()
+                flops += 6 * next(iter(model.noisy_proj.values())).weight.numel()
             return nparams, flops
 
     def __init__(self, config: Config):
@@ -255,11 +255,16 @@ class DBlocksLlama(BlockDenoiser):
         self.edm = config.edm
         self.eval_seed = config.eval_seed
         self.slot = config.slot
-        self.noisy_proj = None  # ModuleList: W, or W_b of block b (NoisySlot.noisy_proj)
+        self.noisy_proj = None  # {"0": W} or {"b": W_b of block b} (NoisySlot.noisy_proj)
         if config.noisy_proj is not None:
             count = config.num_blocks if config.slot.noisy_proj == "per_block" else 1
-            self.noisy_proj = ModuleList([config.noisy_proj.build() for _ in range(count)])
+            self.noisy_proj = ModuleDict({str(b): config.noisy_proj.build() for b in range(count)})
         self._mask_cache: tuple | None = None
+
+    def block_module_names(self, block: int) -> list[str]:
+        """The block's layers and, with ``noisy_proj = "per_block"``, its own W_b."""
+        own = ["noisy_proj." + str(block)] if self.noisy_proj is not None and self.slot.noisy_proj == "per_block" else []
+        return super().block_module_names(block) + own
 
     def get_attention_masks(self, positions: torch.Tensor):
         """Mask for the 2N layout: a BlockMask for FlexAttention, else a :class:`CleanNoisyMask`."""
@@ -357,7 +362,7 @@ class DBlocksLlama(BlockDenoiser):
             return u
         if self.noisy_proj is None:
             return emb + u
-        return emb + self.noisy_proj[block if slot.noisy_proj == "per_block" else 0](u)
+        return emb + self.noisy_proj[str(block) if slot.noisy_proj == "per_block" else "0"](u)
 
     def clean_conditioning(self, c: torch.Tensor) -> torch.Tensor:
         """The clean rows' c [B, C]: the slots' own c, or c at σ_min (``clean_cond``)."""
