@@ -52,7 +52,7 @@ from dblocks_titan.diffusion import EDMConfig, Weighting, WEIGHTINGS
 from dblocks_titan.models.block_denoiser import check_num_blocks
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
-from dblocks_titan.offload import BlockOffload, OFFLOAD_MODES, OffloadMode
+from dblocks_titan.offload import BlockOffload, OFFLOAD_MODES, OffloadMode, Prefetch, PREFETCH_MODES
 from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
 from dblocks_titan.toml_config import check_inputs, InputError
 
@@ -104,6 +104,10 @@ class DBlocksConfig:
     (:mod:`dblocks_titan.offload`): none (on the device) | optimizer (their AdamW state in host
     memory) | block (their parameters' local shards and AdamW state in host memory; the step's block
     is copied in, the next one prefetched)."""
+    prefetch: Prefetch = "after_step"
+    """offload only. When the next block's state is copied in: after_step (after the optimizer step, in
+    the place of the trained block's: the device peak is one block) | step_start (at the step's start:
+    every copy overlaps the whole step, two blocks on the device during a step that switches)."""
     offload_optimizer: bool = False
     """Deprecated spelling of ``offload = "optimizer"`` (accepted with a warning)."""
     steps_per_block: int = 1
@@ -141,6 +145,8 @@ class DBlocksConfig:
             self.offload, self.offload_optimizer = "optimizer", False
         if self.offload not in OFFLOAD_MODES:
             raise InputError(f"dblocks.offload must be one of {', '.join(map(repr, OFFLOAD_MODES))}, got {self.offload!r}")
+        if self.prefetch not in PREFETCH_MODES:
+            raise InputError(f"dblocks.prefetch must be one of {', '.join(map(repr, PREFETCH_MODES))}, got {self.prefetch!r}")
         if self.parallel == "blocks" and self.offload != "none":
             raise InputError(f"dblocks.offload = {self.offload!r} is for parallel = 'sequential': a block-parallel rank "
                              "holds only its own block, which trains at every step; set offload = 'none'")
@@ -247,7 +253,7 @@ class DBlocksTrainer(Trainer):
                 broadcast_shared_modules(self.model_parts[0], replicate.get_group())
         init_optimizer_states(self.optimizers)
         db = config.dblocks
-        self.offload = BlockOffload.Config(mode=db.offload).build(
+        self.offload = BlockOffload.Config(mode=db.offload, prefetch=db.prefetch).build(
             model=self.model_parts[0], optimizers=self.optimizers, num_blocks=db.num_blocks
         )
         if self.checkpointer.enable and db.offload != "none":
