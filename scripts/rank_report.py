@@ -42,6 +42,11 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def resident(p: torch.Tensor) -> bool:
+    """The parameter's local shard is on the device (``offload = "block"`` frees the others' storage)."""
+    return local_tensor(p).untyped_storage().nbytes() > 0 or local_tensor(p).numel() == 0
+
+
 def allow_cpu_offload_without_accelerator() -> None:
     """Bench-only: let titan's ``--training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy``) run on a
     machine without an accelerator, so that its bytes can be counted on CPU. Reasons: titan asks for the
@@ -65,7 +70,8 @@ def measure_memory(trainer, step_fn) -> dict:
     """One step under the byte counters: the activation bytes autograd saves (peak, by module tag;
     ``bench_common.SavedTensorAccountant``, FSDP2's unsharded parameters excluded), the peak of FSDP2's
     unsharded parameters and gradients (sampled at every save and unpack), and after the step the local
-    gradient bytes (kept until the next step's zero_grad) and the local parameter and optimizer bytes."""
+    gradient bytes (kept until the next step's zero_grad) and the offload store's bytes moved in the step
+    (saved tensors outside every module, the loss's, are tagged ``(loss)``)."""
     import bench_common as bc  # scripts/ is this script's sys.path[0]
 
     model = trainer.model_parts[0]
@@ -74,15 +80,18 @@ def measure_memory(trainer, step_fn) -> dict:
     def sample():
         unsharded[0] = max(unsharded[0], bc.fsdp_unsharded_bytes(model))
 
+    store = getattr(trainer, "offload", None)
+    moved = dict(store.moved) if store is not None else {}
     acct = bc.SavedTensorAccountant(exclude=[local_tensor(p) for p in model.parameters()] + list(model.buffers()),
                                     exclude_if=bc.is_parameter_view, on_use=sample).track_modules(model)
     with bc.count_selective_ac(), acct:
         step_fn()
     acct.remove_module_hooks()
-    return {"block": trainer.block if hasattr(trainer, "schedule") else None, "act_peak": acct.peak_bytes,
-            "act_by_tag": {"" if k is None else k: v for k, v in acct.peak_by_tag.items()},
-            "act_untagged": acct.peak_by_tag.get(None, 0), "unsharded_peak": unsharded[0],
-            "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)}
+    return {"block": getattr(trainer, "block", None), "act_peak": acct.peak_bytes,
+            "act_by_tag": {"(loss)" if k is None else k: v for k, v in acct.peak_by_tag.items()},
+            "unsharded_peak": unsharded[0],
+            "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+            "moved": {k: store.moved[k] - v for k, v in moved.items()}}
 
 
 def fixed_batches(trainer, rank: int, world: int):
@@ -118,7 +127,7 @@ def main() -> None:
     if "DBLOCKS_FIXED_BLOCK" in os.environ:
         trainer.schedule.next = trainer.schedule.peek = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
-    before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters() if resident(p)}
     as_rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if "DBLOCKS_AS_RANK" in os.environ:
         as_rank, world = (int(x) for x in os.environ["DBLOCKS_AS_RANK"].split("/"))
@@ -153,7 +162,8 @@ def main() -> None:
         "param_numel": {clean(n): p.numel() for n, p in model.named_parameters()},  # of the whole tensor
         "optimizer_bytes": optim_bytes,
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
-        "changed": [clean(n) for n, p in model.named_parameters() if not local_tensor(p).equal(before[n])],
+        "changed": [clean(n) for n, p in model.named_parameters()  # (blocks offloaded then or now: not compared)
+                    if n in before and resident(p) and not local_tensor(p).equal(before[n])],
         "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
         "offload": trainer.offload.report() if hasattr(trainer, "offload") else None,
         "trace": getattr(trainer, "_trace_path", None),

@@ -335,6 +335,7 @@ def test_activation_checkpointing_with_offload_block(one_process, tmp_path, ac):
     ("offload = 'optimizer'\nparallel = 'blocks'\nnum_blocks = 2", "dblocks.offload = 'optimizer' is for parallel"),
     ("offload = 'disk'", "dblocks.offload must be one of 'none', 'optimizer', 'block', got 'disk'"),
     ("steps_per_block = 0", "dblocks.steps_per_block must be an integer >= 1, got 0"),
+    ("prefetch = 'later'", "dblocks.prefetch must be one of 'after_step', 'step_start', got 'later'"),
     ("steps_per_block = 2.5", "dblocks.steps_per_block must be an integer >= 1, got 2.5"),
     ("offload_optimizer = true\noffload = 'block'", "dblocks.offload_optimizer = true (deprecated) contradicts"),
 ])
