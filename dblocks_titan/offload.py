@@ -19,15 +19,29 @@ How :class:`BlockOffload` does it:
 1. At set-up each storage of a block's layers (per kind: ``params`` / ``optimizer``) gets a host copy
    of its bytes (pinned when the device is CUDA) and its device storage is freed
    (``untyped_storage().resize_(0)``).
-2. ``with store.step(b, b_next):`` around titan's optimizer step: b's storages are re-allocated and
-   filled from the host (or, when b was prefetched, the compute stream waits for that copy); then
-   b_next's copy is issued on a side CUDA stream, overlapping the step. On exit b is written back to
-   the host and freed, unless b_next == b (``steps_per_block``): then it stays and nothing moves.
+2. ``with store.step(b, b_next):`` around titan's optimizer step. When the copies happen
+   (``prefetch``) decides the device peak:
+
+   - ``"after_step"`` (default; the peak is ONE block): at the step's start b's parameters are resident
+     (prefetched by the step before; else copied in now and waited for) and b's AdamW state is copied
+     in on the side CUDA stream, overlapping the forward and backward (the optimizer's step pre-hook
+     makes the compute stream wait for it: nothing reads AdamW state before). After the optimizer step
+     (on exit), unless b_next == b (``steps_per_block``: then b stays and nothing moves), b's AdamW
+     state and parameters are written back and freed, and only then b_next's parameters are copied in
+     on the side stream, overlapping the write-back and the next step's start (data, embeddings, time
+     embedder); they take the place of b's AdamW state (2× their bytes), so the device never holds
+     more than one block's parameters + AdamW state (b's gradients are still allocated then: b's
+     parameters + b_next's + b's gradients = 3 of the 4 bytes-per-parameter units the step held).
+   - ``"step_start"``: b_next's parameters and AdamW state are copied in at the step's start, so every
+     copy overlaps the whole step, at the price of TWO blocks' parameters and AdamW state on the device
+     during a step that switches blocks.
+
    Events order the copies against the compute stream (a side stream waits for the compute stream
-   before it copies; the compute stream waits for a copy's event before it reads; a storage copied on
-   the side stream is freed only after that copy, ``record_stream``). On CPU the same code runs
-   synchronously (the "device" is host memory: what is saved there is nothing, what is tested is the
-   mechanism and the accounting).
+   before it copies or frees; the compute stream waits for a copy's event before it reads). On CUDA the
+   storages are (re-)allocated on the side stream, so a block freed after its write-back gives its
+   memory, in stream order, to the next copy-in (no ``record_stream`` detour through the compute
+   stream's pool). On CPU the same code runs synchronously (the "device" is host memory: what is saved
+   there is nothing, what is tested is the mechanism and the accounting).
 3. A model forward on a block whose parameters are on the host (validation, the eval command)
    brings them in first (a forward pre-hook on the root module, which reads the call's ``block=``),
    one borrowed block at a time; a borrowed block did not train, so it is freed without a copy back.
@@ -40,8 +54,8 @@ How :class:`BlockOffload` does it:
    written back. :meth:`checkpoint_io` wraps a save or load: in-flight copies finish first, and after
    an asynchronous save the next eviction (which overwrites host copies DCP may still be staging from,
    or frees storage it reads) waits for titan's staging (``checkpointer.maybe_wait_for_staging``).
-5. :meth:`report`: device-resident and host bytes by kind, the resident blocks, and the bytes moved
-   each way so far (for tests and benchmarks).
+5. :meth:`report`: device-resident and host bytes by kind, the resident blocks, the bytes moved each
+   way so far, and the peak of the device bytes since :meth:`reset_peak` (for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -64,6 +78,8 @@ from dblocks_titan.parallelize import local_tensor
 
 OffloadMode = Literal["none", "optimizer", "block"]
 OFFLOAD_MODES = get_args(OffloadMode)
+Prefetch = Literal["after_step", "step_start"]
+PREFETCH_MODES = get_args(Prefetch)
 KINDS = ("params", "optimizer")
 _MODE_KINDS = {"none": (), "optimizer": ("optimizer",), "block": KINDS}
 
@@ -72,6 +88,7 @@ _MODE_KINDS = {"none": (), "optimizer": ("optimizer",), "block": KINDS}
 class _Part:
     """One kind of one block's state: flat byte views over its device storages and their host copies."""
 
+    kind: str
     device: list[torch.Tensor]
     host: list[torch.Tensor]
     resident: bool = True
@@ -118,11 +135,17 @@ class BlockOffload(Configurable):
         mode: OffloadMode = "none"
         """none | optimizer (the AdamW state of the blocks that are not training on the host) | block
         (their parameters' local shards too)."""
+        prefetch: Prefetch = "after_step"
+        """When the next block is copied in: after_step (the device peak is one block) | step_start
+        (every copy overlaps the whole step; two blocks on the device during a switching step)."""
 
     def __init__(self, config: Config, *, model: torch.nn.Module, optimizers, num_blocks: int):
         if config.mode not in OFFLOAD_MODES:
             raise ValueError(f"dblocks.offload must be one of {OFFLOAD_MODES}, got {config.mode!r}.")
+        if config.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"dblocks.prefetch must be one of {PREFETCH_MODES}, got {config.prefetch!r}.")
         self.mode, self.model, self.optimizers, self.num_blocks = config.mode, model, optimizers, num_blocks
+        self.prefetch = config.prefetch
         self.kinds = _MODE_KINDS[config.mode]
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
@@ -132,6 +155,9 @@ class BlockOffload(Configurable):
         self._staging = None  # a checkpointer whose async staging the next eviction waits for
         self._views: dict[str, torch.Tensor] = {}  # optimizer key -> device tensor, during a load
         self.parts: dict[tuple[int, str], _Part] = {}
+        self._resident = dict.fromkeys(KINDS, 0)  # bytes of the parts on the device now, by kind
+        self._peak = dict(self._resident)  # ... at the moment their sum was largest since reset_peak()
+        self._awaited: _Part | None = None  # the step's AdamW state, waited for before the optimizer step
         self._host_of: dict[int, tuple[_Part, torch.Tensor]] = {}  # device storage -> (part, host copy)
         if not self.kinds:  # (a block-parallel rank does not even hold every block)
             return
@@ -142,16 +168,21 @@ class BlockOffload(Configurable):
                 storages = _storages(tensors[kind])
                 host = [torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=cuda) for s in storages.values()]
                 device = [torch.empty(0, dtype=torch.uint8, device=s.device).set_(s) for s in storages.values()]
-                part = self.parts[block, kind] = _Part(device, host, dirty=True)
+                part = self.parts[block, kind] = _Part(kind, device, host, dirty=True)
+                self._resident[kind] += part.nbytes  # resident until the eviction below
                 self._host_of.update({key: (part, h) for key, h in zip(storages, host)})
         if "params" in self.kinds:
             if isinstance(model, FSDPModule):  # FSDP's lazy init re-pads local shards: run it while they are full
                 model._get_fsdp_state()._lazy_init()
             self._default_block = inspect.signature(model.forward).parameters["block"].default
             model.register_forward_pre_hook(self._bring_in_for_forward, with_kwargs=True, prepend=True)
+        if "optimizer" in self.kinds:
+            for optimizer in optimizers:
+                optimizer.register_step_pre_hook(self._before_optimizer_step)
         for part in self.parts.values():
             self._evict(part)
         self.synchronize()
+        self.reset_peak()
 
     def _state_tensors(self, params) -> list[torch.Tensor]:
         """The optimizer's state tensors of ``params`` (not the scalar ``step``)."""
@@ -168,19 +199,25 @@ class BlockOffload(Configurable):
         return torch.cuda.stream(self.side)
 
     def _fill(self, part: _Part) -> None:
-        """Re-allocate ``part`` on the device (on the compute stream) and copy it in from the host."""
+        """Re-allocate ``part`` on the device and copy it in from the host (both on the side stream)."""
         if part.resident:
             return
-        for d in part.device:
-            d.untyped_storage().resize_(d.numel())
         with torch.no_grad(), self._side_stream():
             for d, h in zip(part.device, part.host):
+                d.untyped_storage().resize_(d.numel())
                 d.copy_(h, non_blocking=True)
         if self.side is not None:
             part.ready = torch.cuda.Event()
             part.ready.record(self.side)
         part.resident, part.dirty = True, False
         self.moved["h2d"] += part.nbytes
+        self._count(part, +1)
+
+    def _count(self, part: _Part, sign: int) -> None:
+        """Book ``part`` in (+1) or out (−1) of the device bytes, and keep their peak."""
+        self._resident[part.kind] += sign * part.nbytes
+        if sum(self._resident.values()) > sum(self._peak.values()):
+            self._peak = dict(self._resident)
 
     def _use(self, part: _Part) -> None:
         """The compute stream waits for the copy that filled ``part``."""
@@ -194,16 +231,17 @@ class BlockOffload(Configurable):
             return
         self._wait_for_staging()
         self._use(part)  # an unused prefetch is complete before its memory is reused
-        if part.dirty:
-            with torch.no_grad(), self._side_stream():
+        with torch.no_grad(), self._side_stream():  # after the compute stream's reads, the copy, then the free
+            if part.dirty:
                 for d, h in zip(part.device, part.host):
                     h.copy_(d, non_blocking=True)
                     if self.side is not None:
-                        d.record_stream(self.side)  # freed below, reused only after this copy
-            self.moved["d2h"] += part.nbytes
-        for d in part.device:
-            d.untyped_storage().resize_(0)
+                        d.record_stream(self.side)  # a storage first allocated on the compute stream
+                self.moved["d2h"] += part.nbytes
+            for d in part.device:
+                d.untyped_storage().resize_(0)
         part.resident = part.dirty = False
+        self._count(part, -1)
 
     def _wait_for_staging(self) -> None:
         if self._staging is not None:
@@ -222,24 +260,42 @@ class BlockOffload(Configurable):
 
     @contextmanager
     def step(self, block: int, next_block: int | None):
-        """Around one optimizer step on ``block``: its state resident (for the compute stream) in the
-        body, ``next_block``'s copied in on the side stream meanwhile; ``block`` written back and freed
-        afterwards unless it is ``next_block`` (``None``: no next step)."""
+        """Around one optimizer step on ``block``: its parameters resident (for the compute stream) in
+        the body and its AdamW state by the optimizer step; ``block`` written back and freed afterwards
+        unless it is ``next_block`` (``None``: no next step); ``next_block``'s state copied in on the
+        side stream, after the step or at its start (``prefetch``: module docstring, step 2)."""
         if not self.kinds:
             yield
             return
-        self._give_back(keep=(block, next_block))
-        for part in self._parts(block):
-            self._fill(part)
-            self._use(part)
-            part.dirty = True  # the optimizer step will change it
-        if next_block is not None and next_block != block:
+        early = self.prefetch == "step_start" and next_block not in (None, block)
+        self._give_back(keep=(block, next_block) if early else (block,))
+        params, state = self.parts.get((block, "params")), self.parts.get((block, "optimizer"))
+        if params is not None:
+            self._fill(params)
+            self._use(params)
+            params.dirty = True  # the optimizer step will change it
+        if state is not None:
+            self._fill(state)  # overlaps the forward and backward; waited for by _before_optimizer_step
+            state.dirty = True
+            self._awaited = state
+        if early:
             for part in self._parts(next_block):
                 self._fill(part)
         yield
-        if next_block != block:
-            for part in self._parts(block):
+        self._awaited = None
+        if next_block == block:
+            return
+        for part in (state, params):  # the AdamW state first: the next block's parameters take its place
+            if part is not None:
                 self._evict(part)
+        upcoming = self.parts.get((next_block, "params"))
+        if upcoming is not None and not early:
+            self._fill(upcoming)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        """The optimizer's step pre-hook: the compute stream waits for the step's AdamW state."""
+        if self._awaited is not None:
+            self._use(self._awaited)
 
     def bring_in(self, block: int) -> None:
         """``block``'s parameters on the device for a forward outside training (at most one such
@@ -263,18 +319,27 @@ class BlockOffload(Configurable):
     def _bring_in_for_forward(self, module, args, kwargs):
         self.bring_in(kwargs.get("block", self._default_block))
 
+    def reset_peak(self) -> None:
+        """Start a new peak window (``report()["peak"]``) at the bytes resident now."""
+        self._peak = dict(self._resident)
+
     def report(self) -> dict[str, Any]:
         """``device``: bytes by kind the model's parameters (local shards) and the optimizer's state hold
         in device storage now, shared modules included (each storage once; on CPU: outside the store);
         ``host``: the store's host copies by kind; ``resident``: the blocks whose kind is on the device;
-        ``moved``: bytes copied ``h2d`` / ``d2h`` so far."""
+        ``moved``: bytes copied ``h2d`` / ``d2h`` so far; ``peak_blocks``: the bytes by kind of the
+        blocks' state on the device at the moment their sum was largest since :meth:`reset_peak`;
+        ``peak``: ``device`` with the blocks' share at that moment (the shared modules' state does not
+        move)."""
         params = [p for p in self.model.parameters()]
         state = [v for optimizer in self.optimizers for s in optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor) and v.device == self.device]
         device = {kind: sum(s.nbytes() for s in _storages(ts).values()) for kind, ts in zip(KINDS, (params, state))}
         host = {kind: sum(p.nbytes for (_, k), p in self.parts.items() if k == kind) for kind in KINDS}
         resident = {kind: sorted(b for (b, k), p in self.parts.items() if k == kind and p.resident) for kind in self.kinds}
-        return {"device": device, "host": host, "resident": resident, "moved": dict(self.moved)}
+        peak = {kind: device[kind] - self._resident[kind] + self._peak[kind] for kind in KINDS}
+        return {"device": device, "host": host, "resident": resident, "moved": dict(self.moved),
+                "peak_blocks": dict(self._peak), "peak": peak}
 
     # -- checkpoints ------------------------------------------------------------------------
 

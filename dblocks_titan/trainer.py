@@ -53,7 +53,7 @@ from dblocks_titan.errors import InputError
 from dblocks_titan.inputs import check_inputs
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
-from dblocks_titan.offload import BlockOffload, OffloadMode
+from dblocks_titan.offload import BlockOffload, OffloadMode, Prefetch
 from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
 
 
@@ -106,6 +106,10 @@ class DBlocksConfig:
     (:mod:`dblocks_titan.offload`): none (on the device) | optimizer (their AdamW state in host
     memory) | block (their parameters' local shards and AdamW state in host memory; the step's block
     is copied in, the next one prefetched)."""
+    prefetch: Prefetch = "after_step"
+    """offload only. When the next block's state is copied in: after_step (after the optimizer step, in
+    the place of the trained block's: the device peak is one block) | step_start (at the step's start:
+    every copy overlaps the whole step, two blocks on the device during a step that switches)."""
     offload_optimizer: bool = False
     """Deprecated spelling of ``offload = "optimizer"`` (accepted with a warning)."""
     steps_per_block: int = 1
@@ -182,7 +186,7 @@ class DBlocksTrainer(Trainer):
                 broadcast_shared_modules(self.model_parts[0], replicate.get_group())
         init_optimizer_states(self.optimizers)
         db = config.dblocks
-        self.offload = BlockOffload.Config(mode=db.offload).build(
+        self.offload = BlockOffload.Config(mode=db.offload, prefetch=db.prefetch).build(
             model=self.model_parts[0], optimizers=self.optimizers, num_blocks=db.num_blocks
         )
         if self.checkpointer.enable and db.offload != "none":

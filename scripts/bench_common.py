@@ -449,9 +449,16 @@ class SavedTensorAccountant:
     current: "SavedTensorAccountant | None" = None
 
     def __init__(self, exclude: Iterable[torch.Tensor] = (),
-                 refine_tag: Callable[[torch.Tensor, str | None], str | None] | None = None):
+                 refine_tag: Callable[[torch.Tensor, str | None], str | None] | None = None,
+                 exclude_if: Callable[[torch.Tensor], bool] | None = None,
+                 on_use: Callable[[], None] | None = None):
         """exclude: tensors whose storages are not activations (parameters, buffers).
-        refine_tag(tensor, module_tag) → tag: optional re-labelling of a storage when first saved."""
+        refine_tag(tensor, module_tag) → tag: optional re-labelling of a storage when first saved.
+        exclude_if(tensor) → True for a saved tensor that is not an activation although its storage is
+        not in ``exclude`` (e.g. :func:`is_parameter_view`: FSDP2's unsharded parameters, all-gathered
+        anew at every unshard). on_use(): called at every save and every unpack (a sampler of other
+        state over the forward and the backward)."""
+        self._exclude_if, self._on_use = exclude_if, on_use
         self._excluded_ptrs = {t.untyped_storage().data_ptr() for t in exclude}
         self._excluded_seen: set[int] = set()
         self._refine_tag = refine_tag
@@ -498,9 +505,11 @@ class SavedTensorAccountant:
     # -- counting ---------------------------------------------------------------------------
 
     def _add(self, t: torch.Tensor) -> int | None:
+        if self._on_use is not None:
+            self._on_use()
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self._excluded_ptrs:
+        if ptr in self._excluded_ptrs or (self._exclude_if is not None and self._exclude_if(t)):
             if ptr not in self._excluded_seen:  # unique storages, like the activations
                 self._excluded_seen.add(ptr)
                 self.excluded_bytes += storage.nbytes()
@@ -541,8 +550,9 @@ class SavedTensorAccountant:
         weakref.finalize(handle, self._release, ptr)
         return handle
 
-    @staticmethod
-    def _unpack(handle):
+    def _unpack(self, handle):
+        if self._on_use is not None:
+            self._on_use()
         return handle.tensor if isinstance(handle, _Saved) else handle
 
     def add_pinned(self, out) -> None:
@@ -572,6 +582,34 @@ class SavedTensorAccountant:
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
+
+
+def is_parameter_view(t: torch.Tensor) -> bool:
+    """``t`` is a parameter or a view of one (a weight a matmul saves, its transpose): under FSDP2 the
+    unsharded parameters are new ``nn.Parameter`` storages at every all-gather, which no fixed list of
+    storages can exclude."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+def fsdp_unsharded_bytes(model: nn.Module) -> int:
+    """Bytes FSDP2 holds now in unsharded form (all-gathered parameters of the units being computed and
+    their unsharded gradients before the reduce-scatter): 0 between steps (every unit resharded) and
+    for a model without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is None:
+                    continue
+                total += unsharded.untyped_storage().nbytes()
+                if unsharded.grad is not None:
+                    total += unsharded.grad.untyped_storage().nbytes()
+    return total
 
 
 def counting_sac_policy(policy_fn: Callable) -> Callable:

@@ -461,7 +461,8 @@ def main(argv=None) -> None:
         "`torch.cuda.max_memory_allocated` over the same step (GPU only).",
         "- **† active block only**: what a rank would hold if inactive blocks' parameters and AdamW state lived "
         "elsewhere (METHOD.md §10: (4P+A)·L/B plus the shared modules), as in block-parallel mode with one rank "
-        "per block (`dblocks.offload_optimizer` moves only their AdamW state to the host). For e2e rows it "
+        "per block (`dblocks.offload = \"block\"` keeps them in host memory: measured per rank by "
+        "`scripts/bench_memory_per_rank.py`, `results/memory_per_rank.md`). For e2e rows it "
         "equals the resident total.",
         "- DB rows: the maximum over the measured blocks of each column (blocks differ only in which layers run). "
         "Placeholder rows are not measured by this one-process script; the reason says where they are.",

@@ -51,7 +51,8 @@ def run_mode(config: Path, extra: list[str], out: Path, nproc: int, env: dict | 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        errors = [line for line in proc.stderr.splitlines() if "Error:" in line and "ChildFailedError" not in line]
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}\n{errors[-1] if errors else ''}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 

@@ -14,7 +14,8 @@ micro-batch index (step, rank, micro-batch), so one process accumulating 2 micro
 exactly what 2 ranks taking one each see. With DBLOCKS_FIXED_BLOCK=b every step trains block b. With
 DBLOCKS_AS_RANK=r/W one process takes the batches and the noise of rank r of a W-rank run (e.g. to
 replay one block-parallel group's step sequentially). With DBLOCKS_COUNT_COMM=1 every collective of
-the last step is counted (``bench_common.CollectiveCounter``) into ``<out>/comm<r>.json``. A run resumed from a checkpoint (``--checkpoint.enable``
+the last step is counted (``bench_common.CollectiveCounter``) into ``<out>/comm<r>.json``. With
+DBLOCKS_MEMORY=1 every step is measured (:func:`measure_memory`) into ``<out>/memory<r>.json``. A run resumed from a checkpoint (``--checkpoint.enable``
 with one under OUT_DIR) continues to step STEPS; checkpoints are saved at titan's interval.
 Used by the tests and by ``bench_per_rank.py``.
 """
@@ -41,6 +42,58 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def resident(p: torch.Tensor) -> bool:
+    """The parameter's local shard is on the device (``offload = "block"`` frees the others' storage)."""
+    return local_tensor(p).untyped_storage().nbytes() > 0 or local_tensor(p).numel() == 0
+
+
+def allow_cpu_offload_without_accelerator() -> None:
+    """Bench-only: let titan's ``--training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy``) run on a
+    machine without an accelerator, so that its bytes can be counted on CPU. Reasons: titan asks for the
+    backend ``"cpu:gloo,cpu:gloo"`` (its device backend plus a CPU one: the same here), which c10d
+    rejects as a duplicate; and the policy pins its host memory, which needs an accelerator."""
+    import functools
+
+    import torchtitan.distributed.fsdp as titan_fsdp
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    init = torch.distributed.init_process_group
+
+    def init_process_group(*args, backend=None, **kwargs):
+        return init(*args, backend="gloo" if backend == "cpu:gloo,cpu:gloo" else backend, **kwargs)
+
+    torch.distributed.init_process_group = init_process_group
+    titan_fsdp.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
+
+
+def measure_memory(trainer, step_fn) -> dict:
+    """One step under the byte counters: the activation bytes autograd saves (peak, by module tag;
+    ``bench_common.SavedTensorAccountant``, FSDP2's unsharded parameters excluded), the peak of FSDP2's
+    unsharded parameters and gradients (sampled at every save and unpack), and after the step the local
+    gradient bytes (kept until the next step's zero_grad) and the offload store's bytes moved in the step
+    (saved tensors outside every module, the loss's, are tagged ``(loss)``)."""
+    import bench_common as bc  # scripts/ is this script's sys.path[0]
+
+    model = trainer.model_parts[0]
+    unsharded = [0]
+
+    def sample():
+        unsharded[0] = max(unsharded[0], bc.fsdp_unsharded_bytes(model))
+
+    store = getattr(trainer, "offload", None)
+    moved = dict(store.moved) if store is not None else {}
+    acct = bc.SavedTensorAccountant(exclude=[local_tensor(p) for p in model.parameters()] + list(model.buffers()),
+                                    exclude_if=bc.is_parameter_view, on_use=sample).track_modules(model)
+    with bc.count_selective_ac(), acct:
+        step_fn()
+    acct.remove_module_hooks()
+    return {"block": getattr(trainer, "block", None), "act_peak": acct.peak_bytes,
+            "act_by_tag": {"(loss)" if k is None else k: v for k, v in acct.peak_by_tag.items()},
+            "unsharded_peak": unsharded[0],
+            "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+            "moved": {k: store.moved[k] - v for k, v in moved.items()}}
+
+
 def fixed_batches(trainer, rank: int, world: int):
     """Micro-batch k = (step − 1)·W·A + rank·A + j of uniform random tokens (W ranks, A accumulation)."""
     accum = trainer.gradient_accumulation_steps
@@ -62,6 +115,8 @@ def main() -> None:
     from dblocks_titan.toml_config import TomlConfigManager
 
     init_logger()
+    if "--training.enable_cpu_offload" in overrides and not torch.cuda.is_available():
+        allow_cpu_offload_without_accelerator()
 
     config = TomlConfigManager().parse_args(
         ["--job.config_file", config_file, "--dump_folder", out, "--training.steps", str(steps), *overrides]
@@ -72,14 +127,18 @@ def main() -> None:
     if "DBLOCKS_FIXED_BLOCK" in os.environ:
         trainer.schedule.next = trainer.schedule.peek = lambda: int(os.environ["DBLOCKS_FIXED_BLOCK"])
     model = trainer.model_parts[0]
-    before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    before = {n: local_tensor(p).detach().clone() for n, p in model.named_parameters() if resident(p)}
     as_rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if "DBLOCKS_AS_RANK" in os.environ:
         as_rank, world = (int(x) for x in os.environ["DBLOCKS_AS_RANK"].split("/"))
         trainer._rank = as_rank  # the noise of that rank (DBlocksTrainer._noise_generator)
     fixed = os.environ.get("DBLOCKS_FIXED_BATCHES") == "1"
     data = fixed_batches(trainer, as_rank, world) if fixed else trainer.batch_generator(trainer.dataloader)
-    counter = None
+    counter, memory = None, os.environ.get("DBLOCKS_MEMORY") == "1"
+    store = getattr(trainer, "offload", None)
+    if store is not None:
+        store.reset_peak()
+    steps_measured = []
     while trainer.step < steps:
         trainer.step += 1
         if trainer.step == steps and os.environ.get("DBLOCKS_COUNT_COMM") == "1":
@@ -87,7 +146,10 @@ def main() -> None:
 
             counter = CollectiveCounter()
         with counter or contextlib.nullcontext():
-            trainer.train_step(data)
+            if memory:
+                steps_measured.append(measure_memory(trainer, lambda: trainer.train_step(data)))
+            else:
+                trainer.train_step(data)
         trainer.checkpointer.save(trainer.step)
     optim_bytes = sum(
         nbytes(v) for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
@@ -100,7 +162,8 @@ def main() -> None:
         "param_numel": {clean(n): p.numel() for n, p in model.named_parameters()},  # of the whole tensor
         "optimizer_bytes": optim_bytes,
         "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
-        "changed": [clean(n) for n, p in model.named_parameters() if not local_tensor(p).equal(before[n])],
+        "changed": [clean(n) for n, p in model.named_parameters()  # (blocks offloaded then or now: not compared)
+                    if n in before and resident(p) and not local_tensor(p).equal(before[n])],
         "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
         "offload": trainer.offload.report() if hasattr(trainer, "offload") else None,
         "trace": getattr(trainer, "_trace_path", None),
@@ -114,6 +177,12 @@ def main() -> None:
     torch.save(grads, os.path.join(out, f"grads{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    if memory:
+        with open(os.path.join(out, f"memory{rank}.json"), "w") as f:
+            json.dump({"steps": steps_measured, "store": None if store is None else store.report(),
+                       "param_bytes": sum(nbytes(p) for p in model.parameters()), "optimizer_bytes": optim_bytes,
+                       "param_numel_local": sum(local_tensor(p).numel() for p in model.parameters()),
+                       "cpu_offload": config.training.enable_cpu_offload}, f)
     if counter is not None:
         with open(os.path.join(out, f"comm{rank}.json"), "w") as f:
             json.dump({"records": counter.records, "kernel_numel": counter.kernel_numel(),

@@ -253,3 +253,85 @@ def test_collective_counter_counts_each_call_once_with_its_group(tmp_path):
                      ("broadcast", "distributed_c10d.broadcast", [0], 3, 12, 0.0)]
     assert counter.input_numel() == 6 + 6 + 5 + 3
     assert counter.kernel_numel() in (0, counter.input_numel())  # gloo may skip its kernel on one rank
+
+
+# -- per-rank device bytes (scripts/memory_model.py, bench_memory_per_rank.py) ------------------
+
+import memory_model as mm  # noqa: E402
+
+
+def test_accountant_excludes_parameter_views_by_predicate_and_samples_every_use():
+    # The chain's weights are NOT in the exclusion list (FSDP2's unsharded parameters are new storages at
+    # every unshard): the predicate excludes them, so the activations are the 48 + 96 B by hand above.
+    m = toy_chain()
+    uses = []
+    acct = bc.SavedTensorAccountant(exclude_if=bc.is_parameter_view, on_use=lambda: uses.append(1))
+    with acct:
+        loss = m(torch.randn(3, 4)).sum()
+    assert acct.peak_bytes == 48 + 96 and acct.excluded_bytes == 8 * 2 * 4
+    saves = len(uses)
+    loss.backward()
+    assert saves >= 3 and len(uses) > saves  # every save, then every unpack in the backward
+    assert bc.fsdp_unsharded_bytes(m) == 0  # no FSDP: nothing unsharded
+
+
+SHAPE = mm.Shape(family="ar", kind="db", n_layers=4, layer_numel=100, shared_numel=50, dim=8, ffn_dim=16, vocab=10,
+                 largest_unit_numel=100)
+CONST = mm.Constants(layer_act_per_dim=1.0, layer_act_per_ffn=0.5, shared_act_per_dim=2.0, loss_act_per_logit=4.0,
+                     unsharded_per_unit=1.5, offload_h2d_per_param=8.0, offload_d2h_per_param=4.0)
+SETTING = mm.Setting(world=2, seq=16, local_batch=1)
+
+
+def test_activation_bytes_by_hand():
+    # AR DB: 2 active layers × 16 tokens × 2 positions = 64 layer-positions × (1·8 + 0.5·16) = 1024;
+    # shared 16 tokens × 2·8 = 256; loss: one of 8 chunks of the 16 head rows = 2 rows × 10 logits × 4 = 80.
+    assert mm.activation_bytes(SHAPE, CONST, SETTING, active_layers=2) == 1024 + 256 + 80
+    bf16 = mm.Setting(world=2, seq=16, local_batch=1, act_dtype_bytes=2)
+    assert mm.activation_bytes(SHAPE, CONST, bf16, active_layers=2) == (1024 + 256) / 2 + 80  # the loss stays fp32
+    e2e = mm.Shape(**{**SHAPE.__dict__, "kind": "e2e"})  # N positions per token
+    assert mm.activation_bytes(e2e, CONST, SETTING, active_layers=2) == 512 + 256 + 80
+    mdlm = mm.Shape(**{**SHAPE.__dict__, "family": "mdlm"})  # the head at the masked half, unchunked when small
+    assert mdlm.loss_chunk_rows(16) == 8 and SHAPE.loss_chunk_rows(16) == 2
+
+
+def test_fit_activations_inverts_activation_bytes():
+    measured = {"mlp": 64 * 0.5 * 16, "rest": 64 * 1.0 * 8}
+    fitted = mm.fit_activations(measured, 256, 80, SHAPE, active_layers=2, tokens=16)
+    assert fitted == {"layer_act_per_dim": 1.0, "layer_act_per_ffn": 0.5, "shared_act_per_dim": 2.0,
+                      "loss_act_per_logit": 4.0}
+
+
+def test_device_host_and_moved_bytes_by_hand():
+    act = 1024 + 256 + 80
+    unsharded = 1.5 * 100 * 4
+    # offload = block, B = 2: shared 50 + one block of 2 × 100 parameters, sharded over 2 ranks
+    block = mm.device_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2)
+    assert block == {"params": 4 * 250 / 2, "grads": 4 * 250 / 2, "adamw": 8 * 250 / 2, "activations": act,
+                     "unsharded": unsharded, "total": 16 * 250 / 2 + act + unsharded}
+    assert mm.ideal_bytes(SHAPE, CONST, SETTING, num_blocks=2, activations=act, unsharded=unsharded) == block["total"]
+    early = mm.device_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2, prefetch="step_start")
+    assert early["total"] - block["total"] == 12 * 200 / 2  # + the next block's parameters and AdamW state
+    none = mm.device_bytes(SHAPE, CONST, SETTING, mode="none", num_blocks=2)
+    assert (none["params"], none["grads"], none["adamw"]) == (4 * 450 / 2, 4 * 250 / 2, 8 * 450 / 2)
+    optimizer = mm.device_bytes(SHAPE, CONST, SETTING, mode="optimizer", num_blocks=2)
+    assert (optimizer["params"], optimizer["adamw"]) == (4 * 450 / 2, 8 * 250 / 2)
+    cpu = mm.device_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload")
+    assert cpu["params"] == cpu["grads"] == cpu["adamw"] == 0
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2) == 12 * 200 / 2
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="optimizer", num_blocks=2) == 8 * 200 / 2
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload") == 16 * 450 / 2
+    assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2) == {"h2d": 12 * 200 / 2, "d2h": 12 * 200 / 2}
+    assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2, steps_per_block=4)["h2d"] == 300
+    assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload") == {"h2d": 8 * 450 / 2, "d2h": 4 * 450 / 2}
+    assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="none", num_blocks=2) == {"h2d": 0, "d2h": 0}
+
+
+def test_llama3_family_passes_through_the_llama3_depths():
+    assert [mm.llama3_family(d) for d, _ in mm.LLAMA3_SHAPES.values()] == [16, 32, 80, 128]  # 405B's 126 → 128
+    assert all(mm.llama3_family(d) % 8 == 0 for d in range(1024, 32769, 256))
+    assert mm.llama3_family(6144) == 56  # between 8B and 70B
+
+
+def test_largest_fitting_stops_at_the_first_miss_after_a_fit():
+    assert mm.largest_fitting(lambda d: d if 2 <= d <= 5 else None, range(1, 10)) == (5, 5)
+    assert mm.largest_fitting(lambda d: None, range(1, 10)) is None

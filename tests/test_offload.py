@@ -48,9 +48,9 @@ class ToyBlocks(nn.Module):
         return self.head(x)
 
 
-def toy_training(device: str, mode: str, blocks: list[int]):
+def toy_training(device: str, mode: str, blocks: list[int], prefetch: str = "after_step"):
     """AdamW steps on ``blocks`` (in order) under ``store.step(b, next)``; returns the model, the store
-    and the store's report between the steps."""
+    and the store's report between the steps (its peak: over the step just taken)."""
     torch.manual_seed(0)
     model = ToyBlocks().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -58,10 +58,12 @@ def toy_training(device: str, mode: str, blocks: list[int]):
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    store = BlockOffload.Config(mode=mode).build(model=model, optimizers=[optimizer], num_blocks=model.num_blocks)
+    store = BlockOffload.Config(mode=mode, prefetch=prefetch).build(model=model, optimizers=[optimizer],
+                                                                    num_blocks=model.num_blocks)
     reports = [store.report()]
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).to(device)
     for i, block in enumerate(blocks):
+        store.reset_peak()
         with store.step(block, blocks[i + 1] if i + 1 < len(blocks) else None):
             optimizer.zero_grad(set_to_none=True)
             model(x, block=block).square().mean().backward()
@@ -89,18 +91,37 @@ def check_toy_store(device: str):
     first, *between, last = reports
     assert first["device"]["params"] == shared and first["host"] == {"params": 3 * block, "optimizer": 6 * block}
     assert first["resident"] == {"params": [], "optimizer": []}
-    for report, upcoming in zip(between, blocks[1:]):  # after each step only the next step's block
-        assert report["resident"] == {"params": [upcoming], "optimizer": [upcoming]}
+    for report, trained, upcoming in zip(between, blocks, blocks[1:]):
+        # after each step the next step's parameters; AdamW state only of a block that trains again
+        assert report["resident"] == {"params": [upcoming], "optimizer": [trained] if trained == upcoming else []}
         assert report["device"]["params"] == shared + block
+        assert report["peak_blocks"] == {"params": block, "optimizer": 2 * block}  # never more than one block
     assert last["resident"] == {"params": [], "optimizer": []}
-    # moved: the set-up copies every block out once; then each switch copies the next block in and writes
-    # the last one back (2 -> 2 moves nothing); the first step copies its block in, the last writes it back
+    # moved: the set-up copies every block out once; then each switch writes the trained block back and
+    # copies the next one in (2 -> 2 moves nothing); the first step copies its block in, the last writes it back
     moves = sum(a != b for a, b in zip(blocks, blocks[1:])) + 1
     assert last["moved"] == {"h2d": moves * 3 * block, "d2h": (3 + moves) * 3 * block}
 
 
 def test_store_moves_one_block_at_a_time_and_trains_like_the_resident_model():
     check_toy_store("cpu")
+
+
+def test_prefetch_at_the_step_start_holds_two_blocks_during_a_switch_and_trains_the_same():
+    """``prefetch = "step_start"`` (every copy overlaps the whole step): the next block's parameters and
+    AdamW state are on the device with the step's own during a step that switches blocks (peak two
+    blocks), one block during a step that repeats; the weights are the default timing's."""
+    blocks = [0, 2, 2, 1]
+    lean, _, lean_reports = toy_training("cpu", "block", blocks)
+    early, _, reports = toy_training("cpu", "block", blocks, prefetch="step_start")
+    block = 8 * 8 * 4 * 2 + 8 * 4 * 2  # two Linear(8, 8), fp32
+    peaks = [sum(r["peak_blocks"].values()) for r in reports[1:]]
+    assert peaks == [6 * block, 3 * block, 6 * block, 3 * block]  # 0->2 switch, 2->2, 2->1, last step
+    assert [sum(r["peak_blocks"].values()) for r in lean_reports[1:]] == [3 * block] * 4
+    assert reports[-1]["moved"] == lean_reports[-1]["moved"]
+    x = torch.ones(2, 8)
+    for b in range(3):  # each block brought in by its forward
+        assert torch.equal(early(x, block=b), lean(x, block=b))
 
 
 @pytest.mark.gpu
@@ -182,12 +203,15 @@ def test_offload_modes_give_identical_losses_and_checkpoints_one_process(one_pro
 
 
 def check_one_block_resident(report: dict, io_steps: set[int]) -> None:
-    """Between steps exactly one block (the next step's) has its parameters and AdamW state on the device,
-    during a step that block and the one being prefetched; the shared modules are always there. One
-    block's parameters and state go in and one block's come out at each switch, nothing when a block
-    repeats. (On the steps after a checkpoint save or validation, ``io_steps``, the moves include those
-    of the save and the validation, and under FSDP the root's parameters are still unsharded from the
-    validation's forward at the step's start: those two checks skip them.)"""
+    """During a step its block's parameters and AdamW state are on the device, nothing else of the blocks;
+    after it the next step's parameters (prefetched in the place of the trained block's AdamW state) and,
+    when the block trains again, its AdamW state; the shared modules are always there. The device peak of
+    the blocks' state over every step is ONE block's parameters + AdamW state. At each switch one block's
+    parameters and state go out, the next block's parameters come in after the step and its AdamW state
+    at the start of its step; nothing moves when a block repeats. (On the steps after a checkpoint save
+    or validation, ``io_steps``, the moves include those of the save and the validation, and under FSDP
+    the root's parameters are still unsharded from the validation's forward at the step's start, and the
+    peak's window holds the validation's borrowed block: those checks skip them.)"""
     block, init = report["block_bytes"], report["init"]
     assert block["params"] > 0 and block["optimizer"] == 2 * block["params"]
     assert init["resident"] == {"params": [], "optimizer": []}
@@ -196,20 +220,24 @@ def check_one_block_resident(report: dict, io_steps: set[int]) -> None:
     previous = None
     for s in report["steps"]:
         after_io = previous is not None and previous["step"] in io_steps
-        kept = [s["block"]] if s["next"] in (None, s["block"]) else sorted({s["block"], s["next"]})
-        after = [] if s["next"] is None else [s["next"]]
-        for moment, resident in (("during", kept), ("after", after)):
+        repeats = s["next"] == s["block"]
+        during = {"params": [s["block"]], "optimizer": [s["block"]]}
+        after = {"params": [] if s["next"] is None else [s["next"]], "optimizer": [s["block"]] if repeats else []}
+        for moment, resident in (("during", during), ("after", after)):
             r = s[moment]
-            assert r["resident"] == {"params": resident, "optimizer": resident}, (s["step"], moment)
+            assert r["resident"] == resident, (s["step"], moment)
             for kind in block:
                 if not (after_io and moment == "during"):
-                    assert r["device"][kind] == init["device"][kind] + len(resident) * block[kind], (s["step"], moment)
+                    assert r["device"][kind] == init["device"][kind] + len(resident[kind]) * block[kind], (s["step"], moment)
+        if not after_io:  # (after a validation its borrowed block is in the window too)
+            assert s["after"]["peak_blocks"] == block, s["step"]  # one block, also in a switching step
         step_out = s["after"]["moved"]["d2h"] - s["during"]["moved"]["d2h"]
-        assert step_out == (0 if s["next"] == s["block"] else one_block)
-        assert s["after"]["moved"]["h2d"] == s["during"]["moved"]["h2d"]
+        assert step_out == (0 if repeats else one_block)
+        step_in = s["after"]["moved"]["h2d"] - s["during"]["moved"]["h2d"]
+        assert step_in == (block["params"] if s["next"] not in (None, s["block"]) else 0)
         if previous is not None and not after_io:
             into = s["during"]["moved"]["h2d"] - previous["after"]["moved"]["h2d"]
-            assert into == (0 if s["next"] in (None, s["block"]) else one_block), s["step"]
+            assert into == (0 if previous["block"] == s["block"] else block["optimizer"]), s["step"]
         previous = s
 
 
@@ -318,6 +346,7 @@ def debug_config_with(tmp_path, dblocks: str):
      "dblocks.offload = 'optimizer': must be 'none' with dblocks.parallel = 'blocks'"),
     ("offload = 'disk'", "dblocks.offload = 'disk': must be one of 'none', 'optimizer', 'block'"),
     ("steps_per_block = 0", "dblocks.steps_per_block = 0: must be an int >= 1"),
+    ("prefetch = 'later'", "dblocks.prefetch = 'later': must be one of 'after_step', 'step_start'"),
     ("steps_per_block = 2.5", "dblocks.steps_per_block = 2.5: must be an int >= 1"),
     ("offload_optimizer = true\noffload = 'block'",
      "dblocks.offload_optimizer = True: must be false (deprecated) with dblocks.offload = 'block'"),

@@ -4,7 +4,8 @@
 - ``init``: the store's report before the first step (every block on the host);
 - ``block_bytes``: the host bytes of one block by kind (every block has the same layers);
 - ``steps``: per step its block, the next block, the report at the step's first forward (``during``) and
-  right after the step (``after``: before titan's checkpoint and validation of that step).
+  right after the step (``after``: before titan's checkpoint and validation of that step; its ``peak``
+  covers the step, from the end of the previous one's, checkpoint and validation included).
 
 Usage: offload_probe.py OUT_DIR CONFIG [CLI overrides...]
 """
@@ -40,6 +41,7 @@ def main() -> None:
         steps.append({"step": trainer.step, "block": trainer.block, "next": next_block, "during": dict(during),
                       "after": store.report()})
         during.clear()
+        store.reset_peak()
         log_step()
 
     trainer.objective, trainer._log_block_step = probed_objective, probed_log_step
