@@ -3,11 +3,12 @@ results/ar_diagnosis.md (issue 13), on the default CPU pair (embedded corpus and
 
     python scripts/ar_diagnosis.py                    # train what is missing, evaluate, write the report
     python scripts/ar_diagnosis.py --only db_paper    # some runs only (their report rows)
-    python scripts/ar_diagnosis.py --report-only      # re-evaluate the runs already trained
+    python scripts/ar_diagnosis.py --report-only      # report the runs already trained
 
 Each run is ``python -m dblocks_titan.train`` on a TOML written to ``OUT/<run>/config.toml`` (a
 shipped config with the run's ``[model]`` / ``[dblocks]`` / ``[training]`` changes), one process,
-a checkpoint at its last step; a run whose checkpoint exists is not trained again. Every checkpoint
+a checkpoint at its last step; a run whose checkpoint exists is not trained again, and its evaluation is kept
+in its dump folder (`--re-evaluate` redoes it). Every checkpoint
 is then evaluated here on the first ``--batches`` held-out batches (the validator's split):
 
 - DiffusionBlocks: CE at σ_max (block 0 from pure noise; mean ± std over ``--draws`` noise draws),
@@ -252,7 +253,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run names (default: all)")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the runs on disk")
+    parser.add_argument("--re-evaluate", action="store_true",
+                        help="evaluate again (by default a run's evaluation is kept in its dump folder)")
     parser.add_argument("--results", type=Path, default=ROOT / "results/ar_diagnosis.md")
     args = parser.parse_args()
     runs = [r for r in RUNS if args.only is None or r.name in args.only]
@@ -268,8 +271,12 @@ def main() -> None:
         per_seed = []
         for seed in args.seeds:
             dump = run_dir(args.out, run, seed)
-            if (dump / "checkpoint").is_dir():
+            cached = dump / f"diagnosis_{args.batches}b_{args.draws}d.json"
+            if cached.exists() and not args.re_evaluate:
+                per_seed.append(json.loads(cached.read_text()))
+            elif (dump / "checkpoint").is_dir():
                 per_seed.append(evaluate(dump, run, batches, unigram, args.draws))
+                cached.write_text(json.dumps(per_seed[-1]))
         if per_seed:
             results[run.name] = per_seed
             print(run.name, json.dumps({k: v for k, v in per_seed[0].items() if k != "block_sigma_ce"}), flush=True)
