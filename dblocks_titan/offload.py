@@ -60,7 +60,6 @@ How :class:`BlockOffload` does it:
 
 from __future__ import annotations
 
-import functools
 import inspect
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -361,16 +360,6 @@ class BlockOffload(Configurable):
             yield
         finally:
             self._staging = checkpointer
-
-    def wrap(self, checkpointer, fn):
-        """``fn`` (the checkpointer's save or load) run inside :meth:`checkpoint_io`."""
-
-        @functools.wraps(fn)
-        def wrapped(*args, **kwargs):
-            with self.checkpoint_io(checkpointer):
-                return fn(*args, **kwargs)
-
-        return wrapped
 
     def _units(self) -> tuple[list[tuple[str, torch.nn.Module]], dict[int, list[tuple[str, torch.nn.Module]]]]:
         """(prefix, module) of the shared modules, and per block of its layers: the model's state

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q "$@"
+# one worker per core (pytest-xdist; a test file stays on one worker, so its module fixtures are built once),
+# one thread per process: the 2-rank tests start two processes each
+export OMP_NUM_THREADS=1
+.venv/bin/python -m pytest -q -n "$(nproc)" --dist loadfile "$@"
