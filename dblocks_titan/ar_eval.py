@@ -149,7 +149,7 @@ def sampler_log_probs(
     for _ in range(samples):
         z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
         levels = []
-        logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain,
+        logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain, generator=generator,
                                     observe=(lambda j, lg: levels.append(label_log_probs(lg))) if every_level else None)
         out.append(torch.stack(levels) if every_level else label_log_probs(logits))
     return torch.stack(out, dim=1 if every_level else 0)

@@ -19,9 +19,9 @@ from dblocks_titan.models.block_denoiser import KVCache
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.models.huginn import DBlocksHuginn
 
-Bridge = Literal["soft", "hard"]
+Bridge = Literal["soft", "hard", "sample"]
 BRIDGES: tuple[str, ...] = get_args(Bridge)
-Solver = Literal["euler", "heun"]
+Solver = Literal["euler", "heun", "ancestral"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
@@ -31,8 +31,10 @@ class Chain:
 
     ``num_levels`` N (None: the model's B) levels of the ``grid`` (``q`` | ``karras`` with ``rho``,
     :func:`~dblocks_titan.diffusion.inference_sigmas`), each run by the block owning its σ; the
-    ``bridge`` (``soft`` softmax(logits/``bridge_temperature``)·Ê, ``hard`` Ê[argmax]) gives x̂0;
-    ``solver``: ``euler`` or ``heun`` (EDM's second-order step, twice the block calls).
+    ``bridge`` (``soft`` softmax(logits/``bridge_temperature``)·Ê, ``hard`` Ê[argmax], ``sample`` Ê[x] with
+    x drawn from softmax(logits/``bridge_temperature``)) gives x̂0; ``solver``: ``euler``, ``heun`` (EDM's
+    second-order step, twice the block calls) or ``ancestral`` (z ← x̂0 + σ_next·ε with fresh ε: every
+    level sees a clean embedding noised at its own σ, the states the blocks were trained on).
     """
 
     num_levels: int | None = None
@@ -65,13 +67,19 @@ def target_table(model: DBlocksLlama | DBlocksHuginn) -> torch.Tensor:
     return F.normalize((weight.full_tensor() if isinstance(weight, DTensor) else weight).float(), dim=-1)
 
 
-def bridge_x0(logits: torch.Tensor, table: torch.Tensor, kind: Bridge, temperature: float = 1.0) -> torch.Tensor:
+def bridge_x0(logits: torch.Tensor, table: torch.Tensor, kind: Bridge, temperature: float = 1.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """Denoised estimate ``x̂0`` [..., D] from logits [..., V]: ``soft`` = softmax(logits/T)·Ê (the
-    authors' choice at T = 1), ``hard`` = Ê[argmax logits]."""
+    authors' choice at T = 1), ``hard`` = Ê[argmax logits], ``sample`` = Ê[x], x ~ softmax(logits/T)
+    (``generator`` on the logits' device)."""
     if kind == "soft":
         return (logits.float() / temperature).softmax(-1) @ table
     if kind == "hard":
         return table[logits.argmax(-1)]
+    if kind == "sample":
+        probs = (logits.float() / temperature).softmax(-1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        return table[drawn.view(probs.shape[:-1])]
     raise ValueError(f"bridge must be one of {BRIDGES}, got {kind!r}.")
 
 
@@ -82,7 +90,7 @@ def euler_step(z: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: floa
 
 
 def run_chain(denoise: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Tensor, sigmas: list[float], *,
-              table: torch.Tensor, chain: Chain,
+              table: torch.Tensor, chain: Chain, generator: torch.Generator | None = None,
               observe: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Walk the noisy state z [..., D] down the levels σ_0 > … > σ_{N−1} → the logits [..., V] of the last
     level, which give the token. ``denoise(z, j)``: the logits at level j (σ_j, by its block);
@@ -90,10 +98,12 @@ def run_chain(denoise: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Ten
 
     Euler: ``z ← euler_step(z, x̂0(z, σ_j), σ_j, σ_{j+1})``, i.e. ``z + (σ_{j+1} − σ_j)·d`` with
     ``d = (z − x̂0)/σ_j``. Heun (EDM Alg. 1): ``z' =`` the Euler step, ``d' = (z' − x̂0(z', σ_{j+1}))/σ_{j+1}``,
-    ``z ← z + (σ_{j+1} − σ_j)·(d + d')/2``. x̂0 is the chain's bridge of the logits.
+    ``z ← z + (σ_{j+1} − σ_j)·(d + d')/2``. Ancestral: ``z ← x̂0 + σ_{j+1}·ε``, ε ~ N(0, I) fresh. x̂0 is
+    the chain's bridge of the logits. ``generator`` (the ``sample`` bridge's draws, the ancestral ε) lives
+    on z's device.
     """
     def x0(logits):
-        return bridge_x0(logits, table, chain.bridge, chain.bridge_temperature)
+        return bridge_x0(logits, table, chain.bridge, chain.bridge_temperature, generator)
 
     for j in range(len(sigmas) - 1):
         s, s_next = sigmas[j], sigmas[j + 1]
@@ -101,6 +111,9 @@ def run_chain(denoise: Callable[[torch.Tensor, int], torch.Tensor], z: torch.Ten
         if observe is not None:
             observe(j, logits)
         x0_j = x0(logits)
+        if chain.solver == "ancestral":
+            z = x0_j + s_next * torch.randn(z.shape, generator=generator, device=z.device)
+            continue
         z_next = euler_step(z, x0_j, s, s_next)
         if chain.solver == "heun":
             z_next = z + (s_next - s) * ((z - x0_j) / s + (z_next - x0(denoise(z_next, j + 1))) / s_next) / 2
@@ -197,7 +210,7 @@ def dblocks_generate(
             return level_logits(tokens, z, j, append)
 
         logits = run_chain(denoise, initial_noise((batch, model.config.dim), edm.sigma_max, generator, device),
-                           sigmas, table=table, chain=chain)
+                           sigmas, table=table, chain=chain, generator=generator)
         next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
     return (tokens, blocks) if return_blocks else tokens
@@ -286,7 +299,7 @@ def recurrent_generate(
                 z_all = torch.cat([table[tokens[:, 1:]] + sigma * context_noise[k], z[:, None]], dim=1)
                 logits = model.denoise(e, z_all, sigma_vec(sigma), positions=model.default_positions(tokens, None))[:, -1]
             if k + 1 < levels:
-                z = euler_step(z, bridge_x0(logits, table, bridge), sigma, sigmas[k + 1])
+                z = euler_step(z, bridge_x0(logits, table, bridge, generator=generator), sigma, sigmas[k + 1])
         next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         if use_cache and step + 1 < max_new_tokens:

@@ -5,7 +5,8 @@ item 5), written to results/ar_sampler.md (+ .json).
         --reference outputs/ar_diagnosis/twin8_flops_s0
 
 For every chain of ``CHAINS`` (the default, then one option changed at a time: levels N = 1, B, 2B,
-4B; σ grid q | karras (ρ = 7); bridge soft | hard | soft at temperature T; solver euler | heun), on
+4B; σ grid q | karras (ρ = 7); bridge soft | hard | soft at temperature T; solver euler | heun; and the
+ancestral chain: a token drawn at each level, its embedding noised afresh to the next σ), on
 the first ``--batches`` held-out batches:
 
 - sampler CE CE_S = −log((1/S) Σ_s p_s(x)) for S = 1, 4, 16 (teacher-forced, two seeds;
@@ -57,6 +58,9 @@ def chains(num_blocks: int) -> dict[str, Chain]:
         "soft bridge, T = 2": Chain(bridge_temperature=2.0),
         "heun": Chain(solver="heun"),
         "heun, karras grid": Chain(solver="heun", grid="karras"),
+        "ancestral (a token drawn, noised afresh)": Chain(bridge="sample", solver="ancestral"),
+        f"ancestral, N = 2B = {2 * B}": Chain(bridge="sample", solver="ancestral", num_levels=2 * B),
+        "ancestral, soft bridge": Chain(solver="ancestral"),
     }
 
 
@@ -113,7 +117,8 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, required=True, help="a titan llama3 run's dump folder")
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--only", nargs="+", default=None, help="substrings of chain names (default: all)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="substrings of chain names (default: all); the results file keeps the other chains")
     parser.add_argument("--results", type=Path, default=ROOT / "results/ar_sampler.md")
     args = parser.parse_args()
     config, model, step = load(args.dump)
@@ -130,6 +135,9 @@ def main() -> None:
            "heldout": {"gen_ppl": text_metrics.generative_perplexity(heldout.nll_sum, heldout.num_tokens),
                        **text_metrics.sample_metrics(truth)},
            "reference_samples": sample_scores(reference, reference, prompts, seed=0), "chains": {}}
+    saved = args.results.with_suffix(".json")
+    if args.only and saved.exists():  # keep the other chains of an earlier run of the same evaluation
+        out["chains"] = json.loads(saved.read_text())["chains"]
     for name, chain in chains(model.num_blocks).items():
         if args.only and not any(k in name for k in args.only):
             continue

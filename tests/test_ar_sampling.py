@@ -179,6 +179,10 @@ def test_bridges_on_a_hand_made_case():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     torch.testing.assert_close(bridge_x0(logits, table, "soft"), torch.tensor([[0.5 * 0.6 + 0.2, 0.5 * 0.8 + 0.3]]))
     torch.testing.assert_close(bridge_x0(logits, table, "hard"), torch.tensor([[0.6, 0.8]]))
+    drawn = bridge_x0(logits.expand(4000, -1), table, "sample", generator=torch.Generator().manual_seed(0))
+    assert {tuple(r) for r in drawn.tolist()} <= {tuple(r) for r in table.tolist()}  # one row of Ê each
+    share = (drawn == table[logits.argmax(-1)]).all(-1).float().mean().item()
+    assert abs(share - logits.softmax(-1).max().item()) < 0.03  # drawn with the softmax's probabilities
     with pytest.raises(ValueError, match="bridge must be one of"):
         bridge_x0(logits, table, "mean")
 

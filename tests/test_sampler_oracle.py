@@ -59,8 +59,9 @@ def two_way_prior(tokens):
     return TWO_WAY.expand(*tokens.shape, VOCAB)
 
 
-@pytest.mark.parametrize("chain", [Chain(), Chain(bridge="hard"), Chain(solver="heun", grid="karras", num_levels=8)],
-                         ids=["soft", "hard", "heun_karras"])
+@pytest.mark.parametrize("chain", [Chain(), Chain(bridge="hard"), Chain(solver="heun", grid="karras", num_levels=8),
+                                   Chain(bridge="sample", solver="ancestral")],
+                         ids=["soft", "hard", "heun_karras", "ancestral"])
 def test_the_oracle_reproduces_a_known_sequence(chain):
     model = Oracle(successor_prior)
     prompts = torch.tensor([[1], [4], [7]])
@@ -70,14 +71,17 @@ def test_the_oracle_reproduces_a_known_sequence(chain):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("solver, grid", [("euler", "q"), ("heun", "karras")])
-def test_the_sampler_draws_the_oracles_law(solver, grid):
-    """4000 chains of 32 levels from a 0.7 / 0.3 law: the frequency of the likely token is 0.7 ± 0.03
-    (the binomial std is 0.007; the rest is the ODE discretisation: Euler gives 0.79 / 0.72 / 0.69 at
-    4 / 8 / 32 q-levels; Heun needs the Karras grid, the q grid's first step 80 → 2.8 biases it to 0.62)."""
+@pytest.mark.parametrize("levels, solver, grid, bridge", [(32, "euler", "q", "soft"), (32, "heun", "karras", "soft"),
+                                                          (4, "ancestral", "q", "sample")])
+def test_the_sampler_draws_the_oracles_law(levels, solver, grid, bridge):
+    """4000 chains from a 0.7 / 0.3 law: the frequency of the likely token is 0.7 ± 0.03 (the binomial
+    std is 0.007; the rest is the ODE discretisation: Euler gives 0.79 / 0.72 / 0.69 at 4 / 8 / 32
+    q-levels; Heun needs the Karras grid, the q grid's first step 80 → 2.8 biases it to 0.62). The
+    ancestral chain (a token drawn at each level, noised afresh to the next σ) is exact at any number
+    of levels: each level's state has the training law of its σ."""
     model = Oracle(two_way_prior)
     out = dblocks_generate(model, torch.zeros(4000, 1, dtype=torch.long), max_new_tokens=1, use_cache=False,
-                           chain=Chain(num_levels=32, solver=solver, grid=grid),
+                           chain=Chain(num_levels=levels, solver=solver, grid=grid, bridge=bridge),
                            generator=torch.Generator().manual_seed(2))
     draws = out[:, 1]
     assert set(draws.tolist()) == {2, 5}
