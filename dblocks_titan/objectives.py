@@ -43,13 +43,16 @@ def ar_corrupt(
     generator: torch.Generator, edge_share: float = 0.0,
 ) -> ARCorruption:
     """Draw σ per sample for ``block`` and the Gaussian noise for the targets ``labels`` [B, N].
-    Block 0 puts each sample at σ_max, block B − 1 at σ_min, with probability ``edge_share``."""
+    Block 0 puts each sample at σ_max, block B − 1 at σ_min, with probability ``edge_share`` (the levels
+    the sampler starts and ends at); one block (B = 1) owns both ends: ``edge_share``/2 at each."""
     batch, n = labels.shape
     sigma = sample_sigma(block, num_blocks, batch, gamma, edm, generator=generator, device=labels.device)
-    edges = {0: edm.sigma_max, num_blocks - 1: edm.sigma_min}
-    if block in edges and edge_share > 0:
-        at_edge = torch.rand(batch, generator=generator, device=labels.device) < edge_share
-        sigma = torch.where(at_edge, edges[block], sigma)
+    if block in (0, num_blocks - 1) and edge_share > 0:
+        u = torch.rand(batch, generator=generator, device=labels.device)
+        if num_blocks == 1:
+            sigma = torch.where(u < edge_share / 2, edm.sigma_max, torch.where(u < edge_share, edm.sigma_min, sigma))
+        else:
+            sigma = torch.where(u < edge_share, edm.sigma_max if block == 0 else edm.sigma_min, sigma)
     noise = torch.randn(batch, n, dim, generator=generator, device=labels.device)
     return ARCorruption(sigma=sigma, noise=noise)
 

@@ -46,7 +46,8 @@ def sh(cmd: list[str], log: Path | None = None) -> str:
 
 def validations(log: str) -> dict[int, float]:
     """step → held-out CE from the ``validate step`` lines of a training log."""
-    return {int(m.group(1)): float(m.group(2)) for m in map(VALIDATE.search, log.splitlines()) if m}
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)  # titan colours its step lines
+    return {int(m.group(1)): float(m.group(2)) for m in map(VALIDATE.search, plain.splitlines()) if m}
 
 
 def unigram_ce() -> float:

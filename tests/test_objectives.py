@@ -19,6 +19,20 @@ def test_corruption_shapes_and_range():
     assert ((c.sigma >= lo) & (c.sigma <= hi)).all()
 
 
+@pytest.mark.parametrize("block, num_blocks, at_max, at_min", [(0, 4, 0.25, 0.0), (3, 4, 0.0, 0.25), (1, 4, 0.0, 0.0),
+                                                                 (0, 1, 0.125, 0.125)])
+def test_edge_share_puts_the_end_blocks_samples_at_the_samplers_end_levels(block, num_blocks, at_max, at_min):
+    """edge_share = 0.25: block 0 trains a quarter of its samples at σ_max, block B − 1 at σ_min; one
+    block owning both ends splits the share; the other samples keep the block's own range."""
+    labels = torch.zeros(20_000, 1, dtype=torch.long)
+    c = ar_corrupt(labels, block=block, num_blocks=num_blocks, gamma=0.1, dim=2, edm=EDM,
+                   generator=torch.Generator().manual_seed(0), edge_share=0.25)
+    share = lambda v: (c.sigma == v).float().mean().item()  # noqa: E731
+    assert share(EDM.sigma_max) == pytest.approx(at_max, abs=0.01) and share(EDM.sigma_min) == pytest.approx(at_min, abs=0.01)
+    lo, hi = widened_range(*block_sigma_range(block, num_blocks, EDM), 0.1, EDM)
+    assert ((c.sigma >= lo) & (c.sigma <= hi)).all()
+
+
 def test_loss_weightings_on_a_hand_example():
     # Two samples, one token each; logits make CE = ln 2 (sample 0) and ln 4 (sample 1)... approx.
     logits = torch.log(torch.tensor([[[0.5, 0.5, 1e-9, 1e-9]], [[0.25, 0.25, 0.25, 0.25]]]))
