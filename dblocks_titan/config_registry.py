@@ -28,6 +28,7 @@ from torchtitan.trainer import Trainer
 
 from dblocks_titan import compat, data  # noqa: F401  (data registers the datasets)
 from dblocks_titan.ar_eval import ARValidator
+from dblocks_titan.baseline_trainer import BaselineTrainer
 from dblocks_titan.checkpoints import DBlocksCheckpointManager
 from dblocks_titan.data import CharTokenizer, Text8DataLoader
 from dblocks_titan.inputs import Sources
@@ -199,7 +200,7 @@ def recipe(name: str = "dblocks_llama", flavor: str = "debugmodel", **model_kwar
     if name == "dblocks_huginn":
         common["dblocks"] = DBlocksConfig(num_blocks=1, gamma=0.0)  # one denoiser for the whole σ range
     if name == "llama3":
-        return Trainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
+        return BaselineTrainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
     if name == "huginn":
         return HuginnTrainer.Config(loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config()), **common)
     return DBlocksTrainer.Config(loss=CrossEntropyLoss.Config(), **common)

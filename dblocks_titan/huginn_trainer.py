@@ -5,19 +5,20 @@ The one thing it adds: before each optimizer step it tells the model the step
 (seed, step) (``models.huginn.draw_depth``). So every rank and every micro-batch of a step runs the
 same r (all ranks iterate alike, as FSDP's collectives need), and a resumed run, whose step titan
 restores from its checkpoint, repeats the uninterrupted run's draws without any saved state.
-Loss, validation, clipping, optimizer, LR, metrics and checkpoints are titan's, unchanged.
+Loss, validation, clipping, optimizer, LR, metrics and checkpoints are titan's, unchanged; the
+validation pass runs first (:class:`~dblocks_titan.baseline_trainer.BaselineTrainer`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchtitan.trainer import Trainer
+from dblocks_titan.baseline_trainer import BaselineTrainer
 
 
-class HuginnTrainer(Trainer):
+class HuginnTrainer(BaselineTrainer):
     @dataclass(kw_only=True, slots=True)
-    class Config(Trainer.Config):
+    class Config(BaselineTrainer.Config):
         """titan's ``Trainer.Config``; its own class so that ``build()`` constructs this trainer."""
 
     def train_step(self, data_iterator):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dblocks_titan  # noqa: F401
+from dblocks_titan.baseline_trainer import BaselineTrainer
 from dblocks_titan.block_schedule import BlockSchedule
 from dblocks_titan.config_registry import model_registry, TRAIN_CONFIGS
 from dblocks_titan.data import SentencePieceTokenizer, TiktokenTokenizer  # noqa: F401
@@ -11,7 +12,6 @@ from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.toml_config import InputError, load_toml, TomlConfigManager, TomlError
 from dblocks_titan.trainer import DBlocksTrainer
 from torchtitan.models.llama3.model import Llama3Model
-from torchtitan.trainer import Trainer
 
 
 def write(tmp_path, text, name="x.toml"):
@@ -20,9 +20,18 @@ def write(tmp_path, text, name="x.toml"):
     return path
 
 
+def test_the_twin_checks_its_inputs_before_building_anything():
+    """titan's native launcher builds the twin's trainer from the config function: its bad values stop
+    there, with the validation pass's one line, before a model is built."""
+    e2e = load_toml(TRAIN_CONFIGS / "debug_llama_baseline.toml")
+    e2e.training.seq_len = 0
+    with pytest.raises(InputError, match=r"^training.seq_len = 0: must be an int >= 1$"):
+        e2e.build()
+
+
 def test_debug_config_and_its_twin():
     db, e2e = load_toml(TRAIN_CONFIGS / "debug_dblocks.toml"), load_toml(TRAIN_CONFIGS / "debug_llama_baseline.toml")
-    assert type(db) is DBlocksTrainer.Config and type(e2e) is Trainer.Config
+    assert type(db) is DBlocksTrainer.Config and type(e2e) is BaselineTrainer.Config
     assert isinstance(db.model_spec.model, DBlocksLlama.Config) and isinstance(e2e.model_spec.model, Llama3Model.Config)
     assert db.dblocks.num_blocks == 4 and db.dblocks.gamma == 0.1 and db.dblocks.weighting == "batch_mean"
     assert db.training.steps == 4 * e2e.training.steps  # budget convention: B x the steps
