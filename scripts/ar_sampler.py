@@ -120,7 +120,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None,
                         help="substrings of chain names (default: all); the results file keeps the other chains")
     parser.add_argument("--results", type=Path, default=ROOT / "results/ar_sampler.md")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the results JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(json.loads(args.results.with_suffix(".json").read_text()), args, args.results)
+        return
     config, model, step = load(args.dump)
     _, reference, reference_step = load(args.reference)
     tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)

@@ -569,7 +569,8 @@ def test_a_user_error_is_one_line_without_a_traceback_and_nothing_runs(tmp_path)
 def test_debug_flag_sets_the_traceback_switch(monkeypatch):
     from dblocks_titan.errors import take_debug_flag
 
-    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setenv(DEBUG_ENV, "")  # recorded, so the switch the flag sets is undone after the test
+    monkeypatch.delenv(DEBUG_ENV)
     assert take_debug_flag(["--job.config_file", "x.toml"]) == ["--job.config_file", "x.toml"]
     assert DEBUG_ENV not in os.environ
     assert take_debug_flag(["--debug", "--training.steps", "3"]) == ["--training.steps", "3"]
