@@ -207,6 +207,16 @@ def load_plain_model(model_config, step_dir: str, device):
     return model.eval()
 
 
+def load_run(dump_folder) -> tuple:
+    """(config, model, step folder) of a run that wrote its ``config.toml`` into ``dump_folder``: the latest
+    checkpoint's model, unsharded on the CPU (:func:`load_plain_model`)."""
+    config = load_toml(os.path.join(dump_folder, "config.toml"))
+    config.model_spec.model.update_from_config(config=config)
+    step_dir = checkpoint_dir(str(dump_folder), config.checkpoint.folder, -1)
+    return config, load_plain_model(config.model_spec.model, step_dir, torch.device("cpu")), step_dir
+
+
+
 # --------------------------------------------------------------------------------------------
 # AR: inputs prepared (and checked) before the build, metrics after the validator
 # --------------------------------------------------------------------------------------------

@@ -46,9 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 import dblocks_titan  # noqa: E402,F401
 from dblocks_titan import ar_eval  # noqa: E402
-from dblocks_titan.checkpoints import checkpoint_dir  # noqa: E402
 from dblocks_titan.diffusion import sample_sigma, widened_range, block_sigma_range  # noqa: E402
-from dblocks_titan.eval import heldout_batches, load_plain_model  # noqa: E402
+from dblocks_titan.eval import heldout_batches, load_run  # noqa: E402
 from dblocks_titan.config_registry import load_toml  # noqa: E402
 from dblocks_titan.tables import tomllib  # noqa: E402
 
@@ -166,10 +165,7 @@ SIGMA_GRID = [0.002, 0.01, 0.05, 0.13, 0.3, 0.68, 1.5, 4.0, 10.0, 25.0, 80.0]
 
 
 def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: int) -> dict:
-    config = load_toml(dump / "config.toml")
-    config.model_spec.model.update_from_config(config=config)
-    step_dir = checkpoint_dir(str(dump), config.checkpoint.folder, -1)
-    model = load_plain_model(config.model_spec.model, step_dir, torch.device("cpu"))
+    _, model, step_dir = load_run(dump)
     out = {"unigram_ce": ar_eval.unigram_ce(unigram, batches), "step": int(Path(step_dir).name.split("-")[1])}
     if not run.dblocks_model:
         out["ce"] = ar_eval.baseline_ce(model, batches)

@@ -36,9 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import dblocks_titan  # noqa: E402,F401
 from dblocks_titan import ar_eval, text_metrics  # noqa: E402
-from dblocks_titan.checkpoints import checkpoint_dir  # noqa: E402
-from dblocks_titan.config_registry import load_toml  # noqa: E402
-from dblocks_titan.eval import heldout_batches, load_plain_model  # noqa: E402
+from dblocks_titan.eval import heldout_batches, load_run  # noqa: E402
 from dblocks_titan.sampling import Chain  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 32, 50
@@ -62,13 +60,6 @@ def chains(num_blocks: int) -> dict[str, Chain]:
         f"ancestral, N = 2B = {2 * B}": Chain(bridge="sample", solver="ancestral", num_levels=2 * B),
         "ancestral, soft bridge": Chain(solver="ancestral"),
     }
-
-
-def load(dump: Path):
-    config = load_toml(dump / "config.toml")
-    config.model_spec.model.update_from_config(config=config)
-    step_dir = checkpoint_dir(str(dump), config.checkpoint.folder, -1)
-    return config, load_plain_model(config.model_spec.model, step_dir, torch.device("cpu")), Path(step_dir).name
 
 
 def sample_scores(model, reference, prompts: torch.Tensor, seed: int, **kwargs) -> dict:
@@ -125,8 +116,9 @@ def main() -> None:
     if args.report_only:
         write_report(json.loads(args.results.with_suffix(".json").read_text()), args, args.results)
         return
-    config, model, step = load(args.dump)
-    _, reference, reference_step = load(args.reference)
+    config, model, step_dir = load_run(args.dump)
+    _, reference, reference_dir = load_run(args.reference)
+    step, reference_step = Path(step_dir).name, Path(reference_dir).name
     tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
     batches = list(itertools.islice(heldout_batches(config, tokenizer), args.batches))
     windows = ar_eval.heldout_windows(heldout_batches(config, tokenizer), num=args.prompts,
