@@ -6,8 +6,9 @@
    inside each block's own range. Only CE at σ_max is comparable with an AR baseline (METHOD.md §6);
    the low-σ levels measure copy-through of a nearly clean target and are easy.
    The sampler CE (:func:`sampler_log_probs`, :func:`mixture_ce`): the likelihood of what the sampler
-   draws, teacher-forced, the DB number that compares one-for-one with a baseline's CE.
-   :class:`ARValidator` logs CE at σ_max and the sampler CE during training.
+   draws, teacher-forced, the DB number that compares one-for-one with a baseline's CE (both AR
+   DiffusionBlocks models; for ``dblocks_huginn`` the chain's levels are its K core iterations).
+   :class:`ARValidator` logs CE at σ_max and (``dblocks_llama``) the sampler CE during training.
 2. Continuations of held-out prompts (:func:`heldout_windows`, :func:`generate_continuations`).
 3. Their scores under a reference LM (:func:`reference_scores`): summed NLL for the generative
    perplexity and mean-pooled final hidden states as MAUVE features.
@@ -35,7 +36,9 @@ from torchtitan.tools.logging import logger
 from dblocks_titan import sampling
 from dblocks_titan.data.datasets import dataset_files_key, dataset_texts
 from dblocks_titan.diffusion import inference_sigmas, sample_sigma, sigma_to_block
+from dblocks_titan.models.block_denoiser import KVCache
 from dblocks_titan.models.dblocks_llama import DBlocksLlama
+from dblocks_titan.models.huginn import branch_masks, DBlocksHuginn
 from dblocks_titan.text_metrics import unigram_log_probs
 
 
@@ -121,25 +124,65 @@ def sigma_ce(model, batches, *, num_levels: int, seed: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def teacher_forced_recurrent(model: DBlocksHuginn, tokens, labels, positions, sigmas: list[float],
+                             generator: torch.Generator):
+    """``denoise(z, j)`` of :func:`~dblocks_titan.sampling.run_chain` for one chain per position of a
+    :class:`DBlocksHuginn` at once: the chains' states z [B, N, D] → the logits [B, N, V] that
+    :func:`~dblocks_titan.sampling.recurrent_generate` computes at level j (σ_j of ``sigmas``) for
+    position i after the true tokens ≤ i.
+
+    1. ``e = prelude(tokens)``, once.
+    2. A level's first call: the context rows, row i holding its true next token noised at σ_j,
+       ``y_i + σ_j·ε_i`` (ε fresh per level from ``generator``, as the sampler draws one per row and
+       level), run causally through the core and coda; their keys/values are kept for the level (one
+       level at a time: Heun's second call at a level reuses them).
+    3. Chain row i (state z_i) attends to the context rows j < i and itself
+       (:func:`~dblocks_titan.models.huginn.branch_masks`): row i of ``model.denoise`` on
+       (context rows < i, z_i), every i in one pass (:meth:`DBlocksHuginn.denoise_cached`).
+    """
+    batch, n = tokens.shape
+    positions = model.default_positions(tokens, positions)
+    e = model.prelude(tokens, positions, model.default_masks(positions))
+    y = model.target(labels)
+    context_mask, chain_mask = branch_masks(positions, documents=model.flex)
+    kept: dict[int, tuple[list[KVCache], list[KVCache]]] = {}
+
+    def denoise(z, j):
+        sigma = torch.full((batch,), sigmas[j], device=tokens.device)
+        if j not in kept:
+            kept.clear()
+            kept[j] = [KVCache() for _ in model.core_layers()], [KVCache() for _ in model.coda_layers()]
+            z_context = y + sigmas[j] * torch.randn(y.shape, generator=generator, device=y.device)
+            model.denoise_cached(e, z_context, sigma, core=kept[j][0], coda=kept[j][1], keep=n, positions=positions,
+                                 mask=context_mask, skip_lm_head=True)
+        core, coda = kept[j]
+        return model.denoise_cached(e, z, sigma, core=core, coda=coda, keep=0, positions=positions, mask=chain_mask)
+
+    return denoise
+
+
 @torch.no_grad()
 def sampler_log_probs(
-    model: DBlocksLlama, tokens, labels, positions, *, samples: int, generator: torch.Generator,
+    model: DBlocksLlama | DBlocksHuginn, tokens, labels, positions, *, samples: int, generator: torch.Generator,
     chain: sampling.Chain = sampling.Chain(), every_level: bool = False,
 ) -> torch.Tensor:
     """``log p_s(label)`` [S, B, N] (fp32) of S independent sampler chains, teacher-forced
     (``every_level``: [N_levels, S, B, N], the softmax of every level's logits, the last one last).
 
-    Every position runs the full chain at once (noisy slot i sees only the true clean prefix ≤ i and
-    itself): from ``z ~ N(0, (1 + σ_max²)I)`` [B, N, D], :func:`~dblocks_titan.sampling.run_chain` over
-    the chain's levels, each level one block pass over the ``[clean | noisy]`` layout; p_s is the softmax
-    of the last level's logits — the distribution the sampler draws the token from at temperature 1.
-    Plain or FSDP-wrapped models (every rank calls it then).
+    Every position runs the full chain at once, from ``z ~ N(0, (1 + σ_max²)I)`` [B, N, D],
+    :func:`~dblocks_titan.sampling.run_chain` over the chain's levels; p_s is the softmax of the last
+    level's logits — the distribution the sampler draws the token from at temperature 1. A
+    :class:`DBlocksLlama` level is one block pass over the ``[clean | noisy]`` layout (noisy slot i sees
+    only the true clean prefix ≤ i and itself), plain or FSDP-wrapped (every rank calls it then); a
+    :class:`DBlocksHuginn` level is one core iteration (its K ``sampler_levels`` by default) with the
+    context rows noised afresh for each chain (:func:`teacher_forced_recurrent`), plain models only
+    (its cached layers run outside FSDP's hooks).
     """
     table = sampling.target_table(model)
     sigmas, blocks = chain.levels(model)
     batch, device = tokens.shape[0], tokens.device
 
-    def denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
+    def block_denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
         return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
 
     def label_log_probs(logits):
@@ -148,6 +191,8 @@ def sampler_log_probs(
     out = []
     for _ in range(samples):
         z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
+        denoise = (teacher_forced_recurrent(model, tokens, labels, positions, sigmas, generator)
+                   if isinstance(model, DBlocksHuginn) else block_denoise)
         levels = []
         logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain, generator=generator,
                                     observe=(lambda j, lg: levels.append(label_log_probs(lg))) if every_level else None)
@@ -209,7 +254,7 @@ def baseline_ce(model, batches: list) -> float:
 
 
 @torch.no_grad()
-def sampler_ce(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seeds=(0, 1),
+def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1, 4, 16), seeds=(0, 1),
                chain: sampling.Chain = sampling.Chain()) -> dict:
     """Sampler CE over ``batches`` for each S of ``samples`` (nested: CE_S uses the first S of
     max(samples) chains), once per seed: ``{"S=k": {"mean", "std", "each"}}`` over the seeds, and
@@ -239,7 +284,7 @@ def sampler_ce(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seeds=
 
 
 @torch.no_grad()
-def sampler_ce_per_level(model: DBlocksLlama, batches: list, *, samples=(1, 4, 16), seed: int = 0,
+def sampler_ce_per_level(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1, 4, 16), seed: int = 0,
                          chain: sampling.Chain = sampling.Chain()) -> list[dict]:
     """CE_S of each level's distribution along the chain (one seed): ``[{"sigma", "block", "S=k": CE}]``,
     σ_max first. Where the chain's distribution stops carrying the uncertainty shows as CE_S that
@@ -333,8 +378,10 @@ class ARValidator(Validator):
       pure noise z = σ_max·ε, with a fresh ε per batch from a generator seeded by ``seed`` (+ the data
       rank) at every validation, so validations are comparable and no batch reuses another's draw; for
       titan's baseline its plain next-token CE (titan's own computation);
-    - ``sampler_ce``: DiffusionBlocks only, ``sampler_samples`` = S > 0: CE_S of the default sampler
-      (:func:`sampler_log_probs`, :func:`mixture_ce`; N = B levels, q grid, soft bridge, Euler);
+    - ``sampler_ce``: ``dblocks_llama`` only, ``sampler_samples`` = S > 0: CE_S of the default sampler
+      (:func:`sampler_log_probs`, :func:`mixture_ce`; N = B levels, q grid, soft bridge, Euler).
+      ``dblocks_huginn``'s chains run its cached layers, which FSDP's hooks do not gather: the eval
+      command reports its sampler CE;
     - ``unigram_ce``: an add-one unigram model of the training split (``unigram_dataset``, default the
       validation dataset's name without ``_validation``; its first ``unigram_tokens`` labels) scored on
       the same batches: the trivial baseline every CE stands beside.

@@ -16,11 +16,12 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    validator's unigram model on the same batches (the trivial baseline beside every CE).
 2. DiffusionBlocks only, on the validator's first ``--validator.steps`` batches with seeded noise:
    ``ce_per_level`` at ``sigma_levels`` = ``inference_sigmas(N)`` (N = ``--eval.num_levels``, default
-   B), level j run by block ``level_blocks[j]``; ``ce_per_block``: block b at σ drawn in its own range;
-   ``ce_sigma_max``: CE at σ_max over ``--eval.ce_draws`` noise draws (mean, std, each);
-   ``sampler_ce``: ``S=k`` = −log mean_s p_s(x) of k sampler chains (``--eval.sampler_samples``; two
-   seeds: mean, std), teacher-forced, the sampler of ``--eval.{num_levels,grid,bridge,solver,...}`` —
-   the DiffusionBlocks number that compares one-for-one with the baseline's CE.
+   B; ``dblocks_huginn``: its K sampler levels), level j run by block ``level_blocks[j]``; ``ce_per_block``:
+   block b at σ drawn in its own range; ``ce_sigma_max`` (``dblocks_llama``): CE at σ_max over
+   ``--eval.ce_draws`` noise draws (mean, std, each); ``sampler_ce``: ``S=k`` = −log mean_s p_s(x) of k
+   sampler chains (``--eval.sampler_samples``; two seeds: mean, std), teacher-forced, the sampler of
+   ``--eval.{num_levels,grid,bridge,solver,...}`` (``dblocks_huginn``: its core iterations are the
+   levels) — the DiffusionBlocks number that compares one-for-one with the baseline's CE.
 3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
    ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
    continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
@@ -282,10 +283,8 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
     device = next(model.parameters()).device
     prompts, truth = plan.windows[:, : opts.prompt_len], plan.windows[:, opts.prompt_len :]
     sampler = dict(temperature=opts.temperature, top_p=opts.top_p)
-    if isinstance(model, DBlocksLlama):
+    if isinstance(model, DB_AR):
         sampler.update(chain=chain(opts))
-    elif isinstance(model, DBlocksHuginn):
-        sampler.update(bridge=opts.bridge, num_levels=opts.num_levels)
     samples = generate_continuations(
         model, prompts.to(device), continuations=opts.continuations, new_tokens=opts.new_tokens,
         batch_size=opts.batch_size, generator=torch.Generator(device=device).manual_seed(opts.seed), **sampler,
@@ -336,8 +335,8 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
         out["unigram_ce"] = unigram_ce(unigram, batches)
     if isinstance(model, DB_AR):
         out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))
-    if isinstance(model, DBlocksLlama):
-        out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
+        if isinstance(model, DBlocksLlama):
+            out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
         out["sampler_ce"] = sampler_ce(model, batches, samples=[int(k) for k in opts.sampler_samples.split(",")],
                                        seeds=(opts.seed, opts.seed + 1), chain=chain(opts))
     if opts.prompts:

@@ -215,6 +215,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dblocks.gamma": unit_interval(False),
     "dblocks.edge_share": unit_interval(True),
     "dblocks.steps_per_block": at_least(1),
+    "dblocks.freeze_shared_after": (at_least(0)[0], "an int >= 0 (0: never frozen)"),
     "dblocks.running_loss_decay": unit_interval(False),
     "dblocks.edm.p_mean": FINITE,
     "dblocks.edm.p_std": POSITIVE_FINITE,
@@ -328,6 +329,10 @@ def check_dblocks(config: Any, sources: Sources) -> None:
         if db.num_blocks < 2:
             raise sources.fail("dblocks.num_blocks", db.num_blocks,
                                ">= 2 with dblocks.parallel = 'blocks' (one rank group per block)")
+        if db.freeze_shared_after:
+            raise sources.fail("dblocks.freeze_shared_after", db.freeze_shared_after,
+                               "0 with dblocks.parallel = 'blocks': every block trains at every step there, so no "
+                               "block's shared modules drift while another trains (the remedy is for the sequential mode)")
         if db.shared_grads == "group" and config.checkpoint.enable:
             raise sources.fail("dblocks.shared_grads", "group",
                                "'world' to checkpoint: 'group' trains B different copies of the shared modules, which "

@@ -27,9 +27,10 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 
 @dataclass(frozen=True)
 class Chain:
-    """How the AR sampler walks down the σ grid for one noisy slot (METHOD.md §6).
+    """How the AR sampler walks down the σ grid for one noisy slot (METHOD.md §6, §8).
 
-    ``num_levels`` N (None: the model's B) levels of the ``grid`` (``q`` | ``karras`` with ``rho``,
+    ``num_levels`` N (None: the model's B, or for a :class:`DBlocksHuginn` its ``sampler_levels`` K, the
+    core iterations) levels of the ``grid`` (``q`` | ``karras`` with ``rho``,
     :func:`~dblocks_titan.diffusion.inference_sigmas`), each run by the block owning its σ; the
     ``bridge`` (``soft`` softmax(logits/``bridge_temperature``)·Ê, ``hard`` Ê[argmax], ``sample`` Ê[x] with
     x drawn from softmax(logits/``bridge_temperature``)) gives x̂0; ``solver``: ``euler``, ``heun`` (EDM's
@@ -53,9 +54,10 @@ class Chain:
         if not self.bridge_temperature > 0:
             raise ValueError(f"bridge_temperature must be > 0, got {self.bridge_temperature}.")
 
-    def levels(self, model: DBlocksLlama) -> tuple[list[float], list[int]]:
+    def levels(self, model: DBlocksLlama | DBlocksHuginn) -> tuple[list[float], list[int]]:
         """(σ of each level, descending; the block that runs it)."""
-        sigmas = inference_sigmas(self.num_levels or model.num_blocks, model.edm, self.grid, self.rho)
+        default = model.config.sampler_levels if isinstance(model, DBlocksHuginn) else model.num_blocks
+        sigmas = inference_sigmas(self.num_levels or default, model.edm, self.grid, self.rho)
         return sigmas.tolist(), sigma_to_block(sigmas, model.num_blocks, model.edm).tolist()
 
 
@@ -222,8 +224,7 @@ def recurrent_generate(
     prompts: torch.Tensor,
     *,
     max_new_tokens: int,
-    num_levels: int | None = None,
-    bridge: Bridge = "soft",
+    chain: Chain = Chain(),
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
@@ -231,33 +232,31 @@ def recurrent_generate(
 ) -> torch.Tensor:
     """Continue prompts [B, P] (P ≥ 1) by ``max_new_tokens`` tokens with the recurrent-depth
     DiffusionBlocks model → [B, P + max_new_tokens]: the K core iterations of Huginn's loop are the
-    Euler steps of the σ grid (METHOD.md §8).
+    levels of the σ grid (METHOD.md §8).
 
     Per new token at position p (the model's layout: row j holds the prelude output of clean token j
     and the noisy embedding of token j + 1, see ``models.huginn``):
-    1. ``z ~ N(0, (1 + σ_max²)·I)``.
-    2. For the K = ``num_levels`` (default the model's ``sampler_levels``) levels
-       ``σ^(0) = σ_max > … > σ^(K−1) = σ_min`` of :func:`inference_sigmas`: one pass prelude → core →
-       coda at σ^(k) on the rows 0..p, where the context rows j < p hold their known next token
+    1. ``z ~ N(0, (1 + σ_max²)·I)`` (:func:`initial_noise`).
+    2. :func:`run_chain` over the ``chain``'s levels (default K = the model's ``sampler_levels``, q grid,
+       soft bridge, Euler; every option as for :func:`dblocks_generate`). Level k is one pass prelude →
+       core → coda at σ^(k) on the rows 0..p, where the context rows j < p hold their known next token
        noised at that level, ``y_j + σ^(k)·ε_j^(k)`` (ε fixed once per row and level, as training
-       noises every row at the row's σ), and row p holds z; below the last level
-       ``z ← euler_step(z, bridge(logits_p), σ^(k), σ^(k+1))``.
+       noises every row at the row's σ), and row p holds the chain's state z.
     3. The last level's logits give the token (:func:`sample_token`).
 
     ``use_cache``: the prelude's keys/values are cached once (σ-independent), the core's and coda's
     per level; the prompt's context rows are prefilled at every level, then each level runs two rows
     per new token (the context row that the previous token completed, whose keys/values join the
-    level's cache, and row p). Without it every level recomputes every row. Both draw the same noise
-    in the same order and give the same tokens (tested). ``generator`` (for z, ε and the token draws)
-    must live on the prompts' device.
+    level's cache, and row p; a level's second call for the same token, Heun's, runs row p alone).
+    Without it every level recomputes every row. Both draw the same noise in the same order and give
+    the same tokens (tested). ``generator`` (for z, ε, the chain's draws and the token draws) must live
+    on the prompts' device.
     """
     batch, prompt_len = prompts.shape
     if prompt_len < 1:
         raise ValueError("recurrent_generate needs prompts of length >= 1 (a BOS token at least).")
-    if bridge not in BRIDGES:
-        raise ValueError(f"bridge must be one of {BRIDGES}, got {bridge!r}.")
     edm, device, dim = model.edm, prompts.device, model.config.dim
-    sigmas = inference_sigmas(model.config.sampler_levels if num_levels is None else num_levels, edm).tolist()
+    sigmas, _ = chain.levels(model)
     levels = len(sigmas)
     table = target_table(model)
 
@@ -277,29 +276,33 @@ def recurrent_generate(
             for k, sigma in enumerate(sigmas):
                 z_ctx = table[prompts[:, 1:]] + sigma * context_noise[k]
                 model.denoise_cached(e[:, :-1], z_ctx, sigma_vec(sigma), core=core[k], coda=coda[k],
-                                     keep=prompt_len - 1)
+                                     keep=prompt_len - 1, skip_lm_head=True)
 
     tokens = prompts
     for step in range(max_new_tokens):
         pending = noise(1) if step else None  # the row the previous token completed
         if step:
             context_noise = torch.cat([context_noise, pending], dim=2)
-        z = (1 + edm.sigma_max**2) ** 0.5 * torch.randn(batch, dim, generator=generator, device=device)
         if not use_cache:
             e = model.prelude(tokens, model.default_positions(tokens, None), None)
-        for k, sigma in enumerate(sigmas):
-            if use_cache:
-                rows, z_rows = e[:, -1:], z[:, None]
-                if step:
-                    rows = e[:, -2:]
-                    z_rows = torch.cat([table[tokens[:, -1:]] + sigma * pending[k], z_rows], dim=1)
-                logits = model.denoise_cached(rows, z_rows, sigma_vec(sigma), core=core[k], coda=coda[k],
-                                              keep=rows.shape[1] - 1)[:, -1]
-            else:
+        appended: set[int] = set()
+
+        def denoise(z: torch.Tensor, k: int) -> torch.Tensor:
+            """Logits [B, V] of row p at level k with row p holding z [B, D]."""
+            sigma = sigmas[k]
+            if not use_cache:
                 z_all = torch.cat([table[tokens[:, 1:]] + sigma * context_noise[k], z[:, None]], dim=1)
-                logits = model.denoise(e, z_all, sigma_vec(sigma), positions=model.default_positions(tokens, None))[:, -1]
-            if k + 1 < levels:
-                z = euler_step(z, bridge_x0(logits, table, bridge, generator=generator), sigma, sigmas[k + 1])
+                return model.denoise(e, z_all, sigma_vec(sigma), positions=model.default_positions(tokens, None))[:, -1]
+            rows, z_rows = e[:, -1:], z[:, None]
+            if step and k not in appended:
+                rows = e[:, -2:]
+                z_rows = torch.cat([table[tokens[:, -1:]] + sigma * pending[k], z_rows], dim=1)
+            appended.add(k)
+            return model.denoise_cached(rows, z_rows, sigma_vec(sigma), core=core[k], coda=coda[k],
+                                        keep=rows.shape[1] - 1)[:, -1]
+
+        logits = run_chain(denoise, initial_noise((batch, dim), edm.sigma_max, generator, device), sigmas,
+                           table=table, chain=chain, generator=generator)
         next_token = sample_token(logits, temperature=temperature, top_p=top_p, generator=generator)
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         if use_cache and step + 1 < max_new_tokens:

@@ -9,7 +9,8 @@ What it overrides, and nothing else:
   ``metrics.log_freq`` steps).
 - ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
   masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
-  backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned.
+  backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned; after
+  the step's last backward, ``dblocks.freeze_shared_after`` drops the shared modules' gradients.
 - ``state_dict``/``load_state_dict``: add the schedule's generator and the running losses.
 
 Block-parallel mode (``dblocks.parallel = "blocks"``, :mod:`dblocks_titan.parallelize`): the world is
@@ -115,6 +116,13 @@ class DBlocksConfig:
     steps_per_block: int = 1
     """K: a block drawn by the schedule trains K consecutive optimizer steps (K = 1: a new draw every
     step). Larger K amortises the offload copies over K steps."""
+    freeze_shared_after: int = 0
+    """A remedy for shared-module drift (a block's CE rises once other blocks have moved the shared
+    embeddings, head, time embedder and final adaLN it was trained with; long ``steps_per_block`` runs and
+    the ``sequential`` schedule invite it). S > 0: after optimizer step S the shared modules take no
+    update (their gradients are dropped after the step's last backward, before clipping, so the clip
+    norm is the block's own); the blocks go on training against them. 0: never frozen (the paper).
+    Sequential mode only."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
 
@@ -245,9 +253,18 @@ class DBlocksTrainer(Trainer):
         self._step_loss += logged
         if self.block_parallel:
             self._local_tokens += (labels != IGNORE_INDEX).sum()
-            if self._microbatch == self.gradient_accumulation_steps:
+        if self._microbatch == self.gradient_accumulation_steps:  # the step's last backward
+            if self.shared_frozen():
+                for _, param in shared_parameters(self.model_parts[0]):
+                    param.grad = None
+            if self.block_parallel:
                 self._finish_block_parallel_grads(global_valid_tokens)
         return logged
+
+    def shared_frozen(self) -> bool:
+        """Whether this step leaves the shared modules as they are (``dblocks.freeze_shared_after``)."""
+        after = self.config.dblocks.freeze_shared_after
+        return 0 < after < self.step
 
     def _finish_block_parallel_grads(self, global_valid_tokens: torch.Tensor) -> None:
         """After the step's last backward, block-parallel only. Three steps, no host sync:

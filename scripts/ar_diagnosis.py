@@ -23,7 +23,12 @@ full-width conditioning vector, adaLN-Zero gates, c_noise × 1000, the slot inpu
 norm twice, global depth init, the log-normal density alone); each other ``db_<change>`` changes one
 thing from the default (leave-one-out, or an option the default does not take). ``twin8_flops``
 trains the twin for the DB runs' layer-FLOPs (600 DB steps ≈ 340 twin steps at this shape; the
-150-step twin is the "equal layer-updates" point of the B× step convention).
+150-step twin is the "equal layer-updates" point of the B× step convention). ``db_k*``: the default with
+``steps_per_block`` = K (issue 12: what K does to quality, and the shared-module drift it invites);
+``*_freeze``: with the drift remedy ``freeze_shared_after``.
+
+A run with no folder under ``--out`` (trained on another machine) keeps its evaluations from the
+existing results JSON; the report names such rows.
 """
 
 from __future__ import annotations
@@ -96,6 +101,15 @@ RUNS = [
     Run("db_gate1", "default, gates start at 1", model={"gate_init": 1.0}),
     Run("db_clean_min", "default, clean half conditioned at σ_min", model={"clean_cond": "sigma_min"}),
     Run("db_depth_block", "default, per-block depth init", model={"depth_init": "per_block"}),
+    Run("db_k8", "default, steps_per_block K = 8", dblocks={"steps_per_block": 8}),
+    Run("db_k64", "default, steps_per_block K = 64", dblocks={"steps_per_block": 64}),
+    Run("db_k150_rr", "default, K = 150 round-robin: each block one run of 150 steps, in order (as sequential)",
+        dblocks={"steps_per_block": 150, "block_schedule": "round_robin"}),
+    Run("db_k150_rr_freeze", "db_k150_rr with the shared modules frozen after block 0's run (freeze_shared_after 150)",
+        dblocks={"steps_per_block": 150, "block_schedule": "round_robin", "freeze_shared_after": 150}),
+    Run("db_k64_freeze", "db_k64 with the shared modules frozen after step 300",
+        dblocks={"steps_per_block": 64, "freeze_shared_after": 300}),
+    Run("db_freeze300", "default (K = 1), shared modules frozen after step 300", dblocks={"freeze_shared_after": 300}),
 ]
 
 
@@ -164,16 +178,24 @@ def train(run: Run, seed: int, out: Path) -> Path:
 SIGMA_GRID = [0.002, 0.01, 0.05, 0.13, 0.3, 0.68, 1.5, 4.0, 10.0, 25.0, 80.0]
 
 
-def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: int) -> dict:
+FULL_EVAL = ("db_default", "db_paper")
+"""Runs evaluated in full: sampler CE over two sampler seeds, and (first training seed) the sampler CE of
+every level and every block's CE against σ. The other DB runs (the ablation): CE at σ_max and the sampler
+CE of one sampler seed per training seed (the evaluation costs ~2.7× a run's training in full, ~0.8× so)."""
+
+
+def evaluate(dump: Path, run: Run, batches: list, unigram: torch.Tensor, draws: int, first_seed: bool) -> dict:
     _, model, step_dir = load_run(dump)
     out = {"unigram_ce": ar_eval.unigram_ce(unigram, batches), "step": int(Path(step_dir).name.split("-")[1])}
     if not run.dblocks_model:
         out["ce"] = ar_eval.baseline_ce(model, batches)
         return out
+    full = run.name in FULL_EVAL
     out["ce_sigma_max"] = ar_eval.sigma_max_ce(model, batches, draws=draws, seed=0)
-    out["sampler_ce"] = ar_eval.sampler_ce(model, batches, samples=(1, 4, 16), seeds=(0, 1))
-    out["sampler_ce_per_level"] = ar_eval.sampler_ce_per_level(model, batches, samples=(1, 4, 16))
-    out["block_sigma_ce"] = ar_eval.block_sigma_ce(model, batches, sigmas=SIGMA_GRID, seed=0)
+    out["sampler_ce"] = ar_eval.sampler_ce(model, batches, samples=(1, 4, 16), seeds=(0, 1) if full else (0,))
+    if full and first_seed:
+        out["sampler_ce_per_level"] = ar_eval.sampler_ce_per_level(model, batches, samples=(1, 4, 16))
+        out["block_sigma_ce"] = ar_eval.block_sigma_ce(model, batches, sigmas=SIGMA_GRID, seed=0)
     return out
 
 
@@ -201,13 +223,17 @@ def mean_std(values: list[float]) -> str:
     return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
 
 
-def write_report(results: dict, support: list[dict], args, out_md: Path) -> None:
+def write_report(results: dict, support: list[dict], args, out_md: Path, carried: list[str]) -> None:
     lines = ["# AR DiffusionBlocks: diagnosis and ablation (default CPU pair)", "",
              f"Made by `python scripts/ar_diagnosis.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {os.cpu_count()} CPU "
              f"cores ({time.strftime('%Y-%m-%d')}). debugmodel (8 × 128), embedded corpus and 4096-token BPE; "
              f"DB runs 600 steps (B = 4, γ = 0.1), twins 150 steps. Evaluated on the first {args.batches} "
              "held-out batches (8 × 128 tokens each) of the validation works; ± is the std over "
-             "seeds (two training seeds per row unless marked).", ""]
+             "seeds (the seeds column: how many training seeds).", ""]
+    if carried:
+        lines += [f"Rows with no run under `{args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}` "
+                  "here are carried from the previous results file (same batches and evaluation; their checkpoints "
+                  f"were on another machine): {', '.join(carried)}.", ""]
     unigram = next(iter(results.values()))[0]["unigram_ce"]
     lines += [f"**Unigram CE of these batches: {unigram:.3f}** (train-split token frequencies, add-one).", ""]
 
@@ -225,8 +251,8 @@ def write_report(results: dict, support: list[dict], args, out_md: Path) -> None
     lines += [f"| {what} | {mean_std(v)} | {sum(v) / len(v) - unigram:+.3f} |" for what, v in summary if v]
     lines += [""]
     lines += ["## Ablation", "",
-              "| run | what | CE at σ_max | sampler CE S=1 | S=4 | S=16 | twin CE |",
-              "|---|---|---|---|---|---|---|"]
+              "| run | what | seeds | CE at σ_max | sampler CE S=1 | S=4 | S=16 | twin CE |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, per_seed in results.items():
         run = next(r for r in RUNS if r.name == name)
         if run.dblocks_model:
@@ -235,8 +261,10 @@ def write_report(results: dict, support: list[dict], args, out_md: Path) -> None
             cells.append("")
         else:
             cells = ["", "", "", "", mean_std([r["ce"] for r in per_seed])]
-        lines.append(f"| {name} | {run.what} | " + " | ".join(cells) + " |")
-    lines += ["", "CE at σ_max: mean over the noise draws of each run (std over draws within a run: "
+        lines.append(f"| {name} | {run.what} | {len(per_seed)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Sampler CE: the mean over two sampler seeds for {' and '.join(FULL_EVAL)}, one sampler seed per "
+              "training seed for the other rows (± is always over training seeds).",
+              "", "CE at σ_max: mean over the noise draws of each run (std over draws within a run: "
               + ", ".join(f"{n} {per[0]['ce_sigma_max']['std']:.3f}" for n, per in results.items()
                           if 'ce_sigma_max' in per[0]) + ").", ""]
     lines += ["## Each block's CE against σ (first seed)", "",
@@ -283,7 +311,9 @@ def main() -> None:
     tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
     batches = list(itertools.islice(heldout_batches(config, tokenizer), args.batches))
     unigram = ar_eval.unigram_model("shakespeare", None, tokenizer, 10**9)
-    results = {}
+    results, carried = {}, []
+    previous_json = args.results.with_suffix(".json")
+    previous = json.loads(previous_json.read_text())["results"] if previous_json.exists() else {}
     for run in runs:
         per_seed = []
         for seed in args.seeds:
@@ -292,8 +322,10 @@ def main() -> None:
             if cached.exists() and not args.re_evaluate:
                 per_seed.append(json.loads(cached.read_text()))
             elif (dump / "checkpoint").is_dir():
-                per_seed.append(evaluate(dump, run, batches, unigram, args.draws))
+                per_seed.append(evaluate(dump, run, batches, unigram, args.draws, first_seed=seed == args.seeds[0]))
                 cached.write_text(json.dumps(per_seed[-1]))
+        if not per_seed and run.name in previous:  # trained elsewhere: its evaluations from the results file
+            per_seed, carried = previous[run.name], carried + [run.name]
         if per_seed:
             results[run.name] = per_seed
             print(run.name, json.dumps({k: v for k, v in per_seed[0].items() if k != "block_sigma_ce"}), flush=True)
@@ -301,7 +333,7 @@ def main() -> None:
                                config.dblocks.edge_share)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps({"results": results, "support": support}, indent=1))
-    write_report(results, support, args, args.results)
+    write_report(results, support, args, args.results, carried)
     print(f"wrote {args.results}")
 
 

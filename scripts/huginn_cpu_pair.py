@@ -107,6 +107,7 @@ def main() -> None:
             "layer_flops_per_step": info["layer_flops_per_step"], "steps": info["steps"],
             "eval": {k: metrics[k] for k in EVAL_KEYS if k in metrics},
             "ce_per_level": metrics.get("ce_per_level"),
+            "sampler_ce": metrics.get("sampler_ce"),
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -155,6 +156,15 @@ def report(results: dict) -> str:
         f"{gap:+.1%} against the baseline's CE at its inference depth (target: no worse than +5%). Layer-FLOPs "
         "alone (the table) put the DB run at "
         f"{db['step'] * db['layer_flops_per_step'] / (e2e['step'] * e2e['layer_flops_per_step']):.2f}× the baseline's.",
+    ]
+    if db.get("sampler_ce"):
+        cells = ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in db["sampler_ce"].items())
+        best = min(v["mean"] for v in db["sampler_ce"].values())
+        lines += ["", f"Sampler CE of the DB model (the likelihood of what its sampler draws: teacher-forced, the K = "
+                  f"{len(db['ce_per_level'] or []) or 'inference_depth'} core iterations of the default chain from S "
+                  f"independent states, two seeds): {cells}; the best, {best:.3f}, is {best / e2e['eval']['ce'] - 1:+.1%} "
+                  "against the baseline's CE (target: no worse than +5%)."]
+    lines += [
         "",
         "Held-out CE logged during training (the same fixed batch):",
         "",

@@ -117,6 +117,26 @@ def test_report_of_hand_written_runs(fake_runs, tmp_path):
         assert f"]({png})" in report
 
 
+def test_a_dblocks_huginn_run_is_compared_as_diffusionblocks_with_its_sampler_ce(fake_runs, tmp_path):
+    """B = 1 but DiffusionBlocks: the recurrent DB run gets equal-token / equal-FLOP points against the e2e
+    run, and its eval's sampler CE (``python -m dblocks_titan.eval``'s ``sampler_ce``) is in the table."""
+    e2e, _ = fake_runs
+    db = tmp_path / "db_huginn"
+    write_jsonl(db / "metrics.jsonl", [
+        run_record(model="dblocks_huginn", num_blocks=1, steps=60, layer_flops_per_step=1e9),
+        *({"kind": "validation", "step": s, "validation_metrics/loss": 7.0 - s / 100} for s in (10, 40, 60)),
+    ])
+    sampler = {"S=1": {"mean": 7.25, "std": 0.5, "each": [6.9, 7.6]},
+               "S=4": {"mean": 6.5, "std": 0.1, "each": [6.4, 6.6]}}
+    write_json(db / "checkpoint" / "eval_step60.json", {"step": 60, "model": "dblocks_huginn", "sampler_ce": sampler})
+    out = tmp_path / "out"
+    compare_runs.main([e2e, str(db), "--out", str(out), "--labels", "base", "huginn"])
+    report = (out / "report.md").read_text()
+    # equal tokens: 10·1000/1000 = step 10; equal FLOPs: 10·4e9/1e9 = step 40
+    assert "| huginn | 1 | 60 (6.00× e2e) | 10 | 40 | 6.9000 (step 10) | 6.6000 (step 40) |" in report
+    assert "| `sampler_ce/S=1/mean` | — | 7.2500 |" in report and "| `sampler_ce/S=4/each/1` | — | 6.6000 |" in report
+
+
 def test_budget_points_and_helpers(fake_runs):
     e2e, db = (compare_runs.load_run(f, os.path.basename(f)) for f in fake_runs)
     assert compare_runs.budget_points(db, e2e) == (10.0, 20.0)

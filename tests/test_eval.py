@@ -2,6 +2,7 @@
 scores, the --eval.* flags, one end-to-end run (DiffusionBlocks scored by its titan baseline) and
 the one-line errors for missing or mismatched checkpoints."""
 
+import itertools
 import json
 import math
 import subprocess
@@ -18,10 +19,12 @@ from dblocks_titan.ar_eval import (
     generate_continuations,
     heldout_windows,
     reference_scores,
+    sampler_ce,
     sigma_ce,
 )
 from dblocks_titan.diffusion import inference_sigmas
 from dblocks_titan.models.dblocks_llama import baseline_config, flavor_config
+from dblocks_titan.sampling import Chain
 
 from test_dblocks_llama import materialize
 from test_distributed import ENV, PY, ROOT, run
@@ -215,3 +218,38 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         f"dblocks_titan.eval: error: no checkpoint under {tmp_path}/none/checkpoint: train the config with "
         "[checkpoint] enable = true first, or point --job.dump_folder at the run's dump folder")
+
+
+def test_eval_of_a_dblocks_huginn_run_reports_the_sampler_ce_of_its_chain(tmp_path):
+    """dblocks_huginn, 30 steps: the eval command's ``sampler_ce`` is ``ar_eval.sampler_ce`` of the checkpoint's
+    model on the validator's batch with the chain of the ``--eval.*`` flags (4 core iterations, ancestral, a token
+    drawn at each), the same flags as the samples'."""
+    from dblocks_titan.toml_config import TomlConfigManager
+
+    dump = tmp_path / "db_huginn"
+    flags = ["--job.config_file", "train_configs/debug_dblocks_huginn.toml", "--dump_folder", str(dump),
+             "--training.seq_len", "64"]
+    run([PY, "-m", "dblocks_titan.train", *flags, "--training.steps", "30", "--lr_scheduler.warmup_steps", "3",
+         "--checkpoint.enable", "--validator.freq", "30"])
+    run([PY, "-m", "dblocks_titan.eval", *flags, "--eval.prompts", "2", "--eval.continuations", "2",
+         "--eval.new_tokens", "8", "--eval.num_levels", "4", "--eval.solver", "ancestral", "--eval.bridge", "sample",
+         "--eval.sampler_samples", "1,4"])
+    result = json.loads((dump / "checkpoint" / "eval_step30.json").read_text())
+    assert result["model"] == "dblocks_huginn" and result["generation/mean_length"] == 8
+    assert result["eval_options"]["solver"] == "ancestral" and result["eval_options"]["num_levels"] == 4
+    assert len(result["sigma_levels"]) == 4 and result["level_blocks"] == [0, 0, 0, 0]
+
+    config = TomlConfigManager().parse_args(flags)
+    config.model_spec.model.update_from_config(config=config)
+    step_dir = str(dump / "checkpoint" / "step-30")
+    model = eval_cmd.load_plain_model(config.model_spec.model, step_dir, torch.device("cpu"))
+    tokenizer = config.tokenizer.build(tokenizer_path=config.hf_assets_path)
+    batches = list(itertools.islice(eval_cmd.heldout_batches(config, tokenizer), config.validator.steps))
+    expected = sampler_ce(model, batches, samples=(1, 4), seeds=(0, 1),
+                          chain=Chain(num_levels=4, solver="ancestral", bridge="sample"))
+    got = result["sampler_ce"]
+    assert got.keys() == expected.keys() == {"S=1", "S=4", "chain_ce"}
+    for key in got:
+        assert got[key]["each"] == pytest.approx(expected[key]["each"], rel=1e-6)
+    assert got["S=4"]["mean"] < got["chain_ce"]["mean"]  # each seed's mixture is below its chains' mean (Jensen)
+    assert abs(got["S=1"]["mean"] - math.log(VOCAB)) > 0.05  # a trained model, not the zero-init head's ln V

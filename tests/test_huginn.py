@@ -1,6 +1,8 @@
 """Recurrent-depth models (models/huginn.py): the depth draw, truncated backpropagation, causality of
-both models, a DiffusionBlocks training run through DBlocksTrainer, the sampler, bad inputs."""
+both models, a DiffusionBlocks training run through DBlocksTrainer (one process, and 2 FSDP ranks against
+gradient accumulation), the sampler and its chain options, the sampler CE, bad inputs."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -11,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import dblocks_titan  # noqa: F401
+from dblocks_titan.ar_eval import sampler_ce, sampler_ce_per_level
+from dblocks_titan.diffusion import inference_sigmas
 from dblocks_titan.models.huginn import dblocks_huginn_config, Depth, draw_depth, huginn_config
-from dblocks_titan.sampling import recurrent_generate
+from dblocks_titan.sampling import Chain, initial_noise, recurrent_generate, run_chain, target_table
 from dblocks_titan.config_registry import config_from_table
 from dblocks_titan.toml_config import InputError, TomlError
 
-from test_distributed import ENV, PY, ROOT, run, trace
+from test_distributed import ENV, fsdp_matches_one_process, PY, ROOT, run, trace
 
 VOCAB, DIM, N = 4096, 128, 12
 
@@ -220,6 +224,19 @@ def test_dblocks_huginn_trains_through_dblocks_trainer_below_the_unigram_ce(tmp_
     assert "validate step: 50" in out
 
 
+def test_dblocks_huginn_on_two_fsdp_ranks_matches_one_process_accumulating_two_micro_batches(tmp_path):
+    """2 FSDP2 gloo ranks (torchrun, CPU) of debug_dblocks_huginn at seq_len 32 and 4 rows per rank: the
+    per-step losses and the last step's gradients of one process accumulating the same two micro-batches
+    per step, from one seed checkpoint (``test_distributed.fsdp_matches_one_process``)."""
+    config = tmp_path / "small.toml"
+    config.write_text((ROOT / "train_configs/debug_dblocks_huginn.toml").read_text()
+                      .replace("seq_len = 128", "seq_len = 32").replace("local_batch_size = 8", "local_batch_size = 4"))
+    out, one = fsdp_matches_one_process(tmp_path, str(config), 3, 4, several_blocks=False)
+    assert "Applied FSDP to the model" in out
+    assert [r["step"] for r in one] == [1, 2, 3] and {r["block"] for r in one} == {0}
+    assert len({r["loss"] for r in one}) == 3
+
+
 def test_huginn_trains_with_titans_trainer_and_logs_its_depth_flops(tmp_path):
     out = run([PY, "-m", "dblocks_titan.train", "--job.config_file", "train_configs/debug_huginn.toml",
                "--dump_folder", str(tmp_path), "--training.steps", "2", "--training.seq_len", "32",
@@ -247,30 +264,164 @@ def test_flops_per_step_db_over_baseline_at_the_default_depth():
 # --------------------------------------------------------------------------------------------
 
 
+CHAINS = {
+    "euler": Chain(num_levels=3),
+    "heun_karras": Chain(num_levels=3, solver="heun", grid="karras"),
+    "ancestral_sample": Chain(num_levels=3, solver="ancestral", bridge="sample", bridge_temperature=0.5),
+}
+
+
 @pytest.mark.parametrize("prompt_len", [1, 5])
-def test_sampler_is_deterministic_and_the_cache_changes_nothing(prompt_len):
+@pytest.mark.parametrize("chain", CHAINS.values(), ids=CHAINS.keys())
+def test_sampler_is_deterministic_and_the_cache_changes_nothing(prompt_len, chain):
+    """Every solver and bridge: [B, P + new] with the prompt kept, the same tokens for the same generator, with
+    and without the caches (Heun's second call at a level runs the chain's row alone)."""
     model = db_huginn()
     prompts = tokens(b=3, n=prompt_len, seed=5)
 
-    def sample(use_cache, seed=0, **kwargs):
-        return recurrent_generate(model, prompts, max_new_tokens=4, num_levels=3, use_cache=use_cache,
-                                  generator=torch.Generator().manual_seed(seed), **kwargs)
+    def sample(use_cache, seed=0, chain=chain, temperature=1.0):
+        return recurrent_generate(model, prompts, max_new_tokens=4, chain=chain, temperature=temperature,
+                                  use_cache=use_cache, generator=torch.Generator().manual_seed(seed))
 
     out = sample(True)
     assert out.shape == (3, prompt_len + 4) and torch.equal(out[:, :prompt_len], prompts)
     assert out.min() >= 0 and out.max() < VOCAB
     assert torch.equal(out, sample(True)) and torch.equal(out, sample(False))
     assert not torch.equal(out, sample(True, seed=1))
-    assert torch.equal(sample(True, bridge="hard", temperature=0), sample(False, bridge="hard", temperature=0))
+    hard = dataclasses.replace(chain, bridge="hard")
+    assert torch.equal(sample(True, chain=hard, temperature=0), sample(False, chain=hard, temperature=0))
 
 
-def test_sampler_runs_k_levels_of_the_core(monkeypatch):
-    model = db_huginn()
+def sigmas_of_the_core_calls(monkeypatch, model, **kwargs) -> list[float]:
+    """σ of every cached core pass of :func:`recurrent_generate` (one prompt token, two new tokens)."""
     calls = []
     original = model.denoise_cached
     monkeypatch.setattr(model, "denoise_cached", lambda *a, **k: calls.append(float(a[2][0])) or original(*a, **k))
-    recurrent_generate(model, tokens(b=1, n=1), max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    recurrent_generate(model, tokens(b=1, n=1), max_new_tokens=2, generator=torch.Generator().manual_seed(0), **kwargs)
+    return calls
+
+
+def test_sampler_runs_k_levels_of_the_core(monkeypatch):
+    calls = sigmas_of_the_core_calls(monkeypatch, db_huginn())
     assert len(calls) == 2 * 32 and calls[0] == pytest.approx(80.0) and calls[31] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("chain, per_token", [
+    (Chain(num_levels=4, grid="karras"), [0, 1, 2, 3]),
+    (Chain(num_levels=4, solver="heun"), [0, 1, 1, 2, 2, 3, 3]),  # Heun: σ_{k+1} again for the correction
+    (Chain(num_levels=4, solver="ancestral", bridge="sample"), [0, 1, 2, 3]),
+], ids=["karras", "heun", "ancestral"])
+def test_the_chain_sets_the_core_passes(monkeypatch, chain, per_token):
+    """The core runs at the chain's σ grid, once per level (Heun: 2K − 1 passes per token)."""
+    model = db_huginn()
+    sigmas = inference_sigmas(4, model.edm, chain.grid).tolist()
+    assert sigmas_of_the_core_calls(monkeypatch, model, chain=chain) == pytest.approx(
+        [sigmas[k] for k in per_token] * 2)
+
+
+def test_the_chain_options_change_the_samples():
+    model = db_huginn()
+    prompts = tokens(b=4, n=3, seed=5)
+
+    def sample(**chain):
+        return recurrent_generate(model, prompts, max_new_tokens=6, chain=Chain(num_levels=4, **chain),
+                                  generator=torch.Generator().manual_seed(0))
+
+    default = sample()
+    for options in (dict(grid="karras"), dict(solver="heun"), dict(solver="ancestral"), dict(bridge="sample"),
+                    dict(bridge_temperature=0.5)):
+        assert not torch.equal(sample(**options), default), options
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler CE
+# --------------------------------------------------------------------------------------------
+
+
+def heldout(b=2, n=8):
+    """One held-out batch of two documents per row (positions restart at row 5)."""
+    positions = torch.cat([torch.arange(5), torch.arange(n - 5)]).expand(b, n)
+    return [({"input": tokens(b, n), "positions": positions}, tokens(b, n, seed=3))]
+
+
+@pytest.mark.parametrize("chain", [Chain(num_levels=4),
+                                   Chain(num_levels=3, solver="heun", grid="karras", bridge="hard")],
+                         ids=["euler", "heun_karras_hard"])
+def test_sampler_ce_at_s1_is_each_positions_own_chain_through_the_uncached_model(chain):
+    """S = 1, one seed: ``sampler_ce`` = the CE of chains run by hand one position at a time through
+    ``model.denoise`` (no cache, no mask): position i starts at its z_i, rows j < i hold y_j + σ_k·ε_jk.
+    The same draws: z for every position, then ε of every row at each level in turn."""
+    model = db_huginn()
+    [(input_dict, labels)] = batches = heldout()
+    x, positions = input_dict["input"], input_dict["positions"]
+    got = sampler_ce(model, batches, samples=(1,), seeds=(5,), chain=chain)
+
+    g = torch.Generator().manual_seed(5)
+    sigmas = chain.levels(model)[0]
+    z = initial_noise((*x.shape, DIM), model.edm.sigma_max, g, "cpu")
+    eps = [torch.randn(*x.shape, DIM, generator=g) for _ in sigmas]
+    table = target_table(model)
+    total = 0.0
+    with torch.no_grad():
+        e = model.prelude(x, positions, None)
+        for i in range(x.shape[1]):
+            def denoise(z_i, k):
+                rows = table[labels] + sigmas[k] * eps[k]
+                rows[:, i] = z_i
+                return model.denoise(e, rows, torch.full((2,), sigmas[k]), positions=positions)[:, i]
+
+            logits = run_chain(denoise, z[:, i], sigmas, table=table, chain=chain)
+            total += F.cross_entropy(logits, labels[:, i], reduction="sum").item()
+    assert got["S=1"]["mean"] == pytest.approx(total / labels.numel(), rel=1e-5)
+    assert got["S=1"]["each"] == got["chain_ce"]["each"]
+
+
+def test_sampler_ce_mixes_the_chains_and_follows_the_chain_options():
+    """CE_4 of 4 chains is below their mean single-chain CE (Jensen, token by token); the per-level
+    report's last level is the sampler CE; every option of the chain changes it."""
+    model = db_huginn()
+    batches = heldout()
+    chain = Chain(num_levels=4)
+    report = sampler_ce(model, batches, samples=(1, 4), seeds=(0,), chain=chain)
+    chains = report["chain_ce"]["each"]
+    assert len(chains) == 4 and report["S=1"]["mean"] == pytest.approx(chains[0])
+    assert report["S=4"]["mean"] < sum(chains) / 4 - 1e-4
+    levels = sampler_ce_per_level(model, batches, samples=(1, 4), seed=0, chain=chain)
+    assert [r["sigma"] for r in levels] == pytest.approx(chain.levels(model)[0]) and {r["block"] for r in levels} == {0}
+    assert levels[-1]["S=1"] == pytest.approx(report["S=1"]["mean"]) and levels[-1]["S=4"] == pytest.approx(
+        report["S=4"]["mean"])
+    for options in (dict(grid="karras"), dict(solver="heun"), dict(solver="ancestral", bridge="sample"),
+                    dict(bridge="hard"), dict(bridge_temperature=0.5)):
+        other = sampler_ce(model, batches, samples=(1,), seeds=(0,), chain=dataclasses.replace(chain, **options))
+        assert abs(other["S=1"]["mean"] - report["S=1"]["mean"]) > 1e-4, options
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_teacher_forced_chain_rows_see_their_own_document_on_flex(monkeypatch):
+    """With FlexAttention (titan's document-causal BlockMask; its flex_attention run eagerly on CPU), the
+    teacher-forced chain row i is row i of ``model.denoise`` on (context rows < i, z_i) too, rows of an
+    earlier document unseen."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from torchtitan.models.common import FlexAttention
+
+    from dblocks_titan.ar_eval import teacher_forced_recurrent
+
+    monkeypatch.setattr(FlexAttention, "_compiled_flex_attn", flex_attention)
+    model = materialize(dblocks_huginn_config("debugmodel", attn_backend="flex"), randomize=True).eval()
+    [(input_dict, labels)] = heldout()
+    x, positions = input_dict["input"], input_dict["positions"]
+    z = torch.randn(*x.shape, DIM, generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((2,), 0.7)
+    with torch.no_grad():
+        got = teacher_forced_recurrent(model, x, labels, positions, [0.7], torch.Generator().manual_seed(2))(z, 0)
+        context = model.target(labels) + 0.7 * torch.randn(*x.shape, DIM, generator=torch.Generator().manual_seed(2))
+        masks = model.default_masks(positions)
+        e = model.prelude(x, positions, masks)
+        for i in range(x.shape[1]):
+            rows = context.clone()
+            rows[:, i] = z[:, i]
+            expected = model.denoise(e, rows, sigma, positions=positions, attention_masks=masks)
+            torch.testing.assert_close(got[:, i], expected[:, i], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

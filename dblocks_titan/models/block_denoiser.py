@@ -133,14 +133,16 @@ class KVCache:
 
 
 def cached_attention(
-    attn: nn.Module, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, keep: int
+    attn: nn.Module, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, keep: int,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """titan's ``GQAttention.forward`` for m new rows that follow the S rows held in ``cache``.
 
     1. q, k, v = qkv_linear(x) (fused or not; QK-norm if the layer has it), RoPE at ``positions``.
     2. Keys/values = [cached S rows | new m rows]; new row r sees keys s ≤ S + r (all cached rows,
        the new rows causally), so each row sees exactly what it sees in the full sequence when the
-       cache holds its visible prefix.
+       cache holds its visible prefix. ``mask`` [(B, 1,) m, S + m] (bool, True = seen), if given,
+       says instead which keys each new row sees.
     3. The first ``keep`` new rows' keys/values are appended to the cache; ``wo`` of the output.
 
     x [B, m, D]; positions [1 or B, m] → [B, m, D].
@@ -153,8 +155,7 @@ def cached_attention(
     if start:
         k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
     cache.k, cache.v = k[:, : start + keep], v[:, : start + keep]
-    mask = None
-    if m > 1:
+    if mask is None and m > 1:
         mask = torch.arange(start + m, device=x.device) <= start + torch.arange(m, device=x.device)[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=attn.scaling,
@@ -197,11 +198,11 @@ class DBlockLayer(TransformerBlock):
         """x [B, L, D]; c [B, (G,) C] (SiLU'd conditioning, or adaLN-single's m); positions [B, L]."""
         return self._modulated(x, c, lambda h: self.attention(h, attention_masks, positions))
 
-    def forward_cached(self, x, c, cache: KVCache, positions, keep: int):
+    def forward_cached(self, x, c, cache: KVCache, positions, keep: int, mask=None):
         """:meth:`forward` for m new rows after the rows in ``cache`` (:func:`cached_attention`: new
-        row r attends to the cached rows and new rows ≤ r; the first ``keep`` rows are cached).
-        x [B, m, D]; c [B, (G,) C]; positions [1 or B, m]."""
-        return self._modulated(x, c, lambda h: cached_attention(self.attention, h, cache, positions, keep))
+        row r attends to the cached rows and new rows ≤ r, or to the keys ``mask`` says; the first
+        ``keep`` rows are cached). x [B, m, D]; c [B, (G,) C]; positions [1 or B, m]."""
+        return self._modulated(x, c, lambda h: cached_attention(self.attention, h, cache, positions, keep, mask))
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(shift_a, scale_a, gate_a, shift_m, scale_m, gate_m), each [B, (G,) dim]."""

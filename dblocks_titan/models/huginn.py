@@ -35,7 +35,8 @@ the EDM estimate out:
 
 One training step is ONE pass prelude → core → coda (σ drawn from the whole range by the AR objective,
 ``objectives.ARObjective``: the forward signature is ``dblocks_llama``'s). The sampler
-(``sampling.recurrent_generate``) keeps the K-iteration loop, each iteration an Euler step down the σ grid.
+(``sampling.recurrent_generate``) keeps the K-iteration loop, each iteration one level of the sampler's
+chain down the σ grid (``sampling.Chain``: an Euler step by default).
 
 **Sequence layout (decision): Huginn's own input injection, one row per position**, not the
 ``[clean | noisy]`` layout of ``dblocks_llama``. Row i holds ``adapter([c_in·z_i | e_i])`` where e_i is
@@ -49,7 +50,10 @@ not 2N, which the training-FLOPs target (DB / baseline ≤ 0.15) needs: with 2N 
 layer FLOPs ratio of the paper shape would be ≈ 0.17; (c) plain causal attention (titan's SDPA / Flex
 block-causal masks), no special mask. The price: the context rows carry noised copies of their tokens at
 the row's σ, so the sampler noises the known context at each level (with fresh fixed noise per level) to
-match training; their keys/values are cached per level.
+match training; their keys/values are cached per level. The sampler CE (``ar_eval.teacher_forced_recurrent``)
+runs every position's chain at once on 2N rows: the N context rows (true next tokens noised at the
+level) and then N chain rows at the same positions, chain row i seeing context rows j < i and itself
+(:func:`branch_masks`), which is row i of the sampler's pass after the true tokens ≤ i.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ from dblocks_titan.models.block_denoiser import (
     KVCache,
     resolve_attn_backend,
 )
+from dblocks_titan.models.dblocks_llama import document_ids
 
 # --------------------------------------------------------------------------------------------
 # Depth: Huginn's log-normal Poisson, truncated backpropagation
@@ -156,9 +161,9 @@ class SandwichLayer(TransformerBlock):
     def forward(self, x, attention_masks, positions=None):
         return self._sandwich(x, lambda h: self.attention(h, attention_masks, positions))
 
-    def forward_cached(self, x, cache: KVCache, positions, keep: int):
+    def forward_cached(self, x, cache: KVCache, positions, keep: int, mask=None):
         """:meth:`forward` for m new rows after the rows in ``cache`` (``block_denoiser.cached_attention``)."""
-        return self._sandwich(x, lambda h: cached_attention(self.attention, h, cache, positions, keep))
+        return self._sandwich(x, lambda h: cached_attention(self.attention, h, cache, positions, keep, mask))
 
     def _sandwich(self, x, attend):
         x = self.attention_out_norm(x + attend(self.attention_norm(x)))
@@ -180,12 +185,30 @@ def run_layers(layers, x, attention_masks, positions, *args):
     return x
 
 
-def run_layers_cached(layers, x, caches: list[KVCache], positions, keep: int, *args):
+def run_layers_cached(layers, x, caches: list[KVCache], positions, keep: int, *args, mask=None):
     """Rows after the cached ones through ``layers`` (one :class:`KVCache` each); ``args``: the adaLN
-    conditioning of ``DBlockLayer.forward_cached``, nothing for sandwich layers."""
+    conditioning of ``DBlockLayer.forward_cached``, nothing for sandwich layers; ``mask``: the keys each
+    new row sees (``block_denoiser.cached_attention``; default causal)."""
     for layer, cache in zip(layers, caches, strict=True):
-        x = layer.forward_cached(x, *args, cache, positions, keep)
+        x = layer.forward_cached(x, *args, cache, positions, keep, mask=mask)
     return x
+
+
+def branch_masks(positions: torch.Tensor, *, documents: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masks of teacher-forced chains (:meth:`DBlocksHuginn.denoise_cached`), N context rows and then
+    N chain rows at the same positions [B, N]: (context [(B, 1,) N, N], chains [(B, 1,) N, 2N]), bool:
+
+        context row i sees context rows j ≤ i;  chain row i sees context rows j < i and itself
+
+    (with ``documents``, only rows of its own document: titan's positions restart at 0 in each)."""
+    n = positions.shape[1]
+    index = torch.arange(n, device=positions.device)
+    causal = index[None, :] <= index[:, None]
+    if documents:
+        ids = document_ids(positions)
+        causal = (causal & (ids[:, :, None] == ids[:, None, :]))[:, None]
+    itself = torch.eye(n, dtype=torch.bool, device=positions.device).expand_as(causal)
+    return causal, torch.cat([causal & ~itself, itself], dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +423,17 @@ class DBlocksHuginn(_Recurrent, BlockDenoiser):
     def layer_flops_per_token(self, seq_len: int, *, forward_iters=1, backward_iters=1) -> int:
         return super().layer_flops_per_token(seq_len, forward_iters=forward_iters, backward_iters=backward_iters)
 
+    @property
+    def flex(self) -> bool:
+        """FlexAttention (causal inside each document, titan's BlockMask) rather than titan's causal SDPA
+        (causal over the whole row, no masks)."""
+        return isinstance(self.config.first_attention.inner_attention, FlexAttention.Config)
+
+    def default_masks(self, positions: torch.Tensor):
+        """The attention masks of a call that brings none: titan's document-causal BlockMask of
+        ``positions`` [B, N] for FlexAttention, None for SDPA."""
+        return self.get_attention_masks(positions) if self.flex else None
+
     def prelude(self, tokens, positions, attention_masks) -> torch.Tensor:
         """e = prelude(E[x]) [B, N, D] (σ-independent)."""
         return run_layers(self.prelude_layers(), self.tok_embeddings(tokens), attention_masks, positions)
@@ -422,6 +456,7 @@ class DBlocksHuginn(_Recurrent, BlockDenoiser):
             raise ValueError(f"dblocks_huginn has one block (B = 1), got block={block}.")
         batch, n = tokens.shape
         positions = self.default_positions(tokens, positions)
+        attention_masks = self.default_masks(positions) if attention_masks is None else attention_masks
         if sigma is None:
             sigma = torch.full((batch,), self.edm.sigma_max, device=tokens.device)
             gen = torch.Generator(device=tokens.device).manual_seed(self.eval_seed)
@@ -463,15 +498,25 @@ class DBlocksHuginn(_Recurrent, BlockDenoiser):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         return run_layers_cached(self.prelude_layers(), self.tok_embeddings(tokens), caches, positions, tokens.shape[1])
 
-    def denoise_cached(self, e, z, sigma, *, core: list[KVCache], coda: list[KVCache], keep: int) -> torch.Tensor:
+    def denoise_cached(
+        self, e, z, sigma, *, core: list[KVCache], coda: list[KVCache], keep: int, positions=None, mask=None,
+        skip_lm_head: bool = False,
+    ) -> torch.Tensor:
         """:meth:`denoise` for m rows after the cached rows of one σ level; the first ``keep`` rows join
-        the caches. e, z [B, m, D]; σ [B] → logits [B, m, V]."""
+        the caches. e, z [B, m, D]; σ [B] → logits [B, m, V] (``skip_lm_head``: the head's input).
+
+        ``positions`` [1 or B, m] (default: the m positions after the cached rows) and ``mask`` (the keys
+        each row sees, default causal) serve the teacher-forced chains of the sampler CE: N context rows
+        cached with their :func:`branch_masks`, then N chain rows at the same positions, row i seeing the
+        context rows j < i and itself — row i of :meth:`denoise` on (context rows < i, chain state i).
+        """
         c_skip, c_out, c_in, c = self.noise_conditioning(sigma)
-        start = core[0].length
-        positions = torch.arange(start, start + e.shape[1], device=e.device)[None]
-        h = run_layers_cached(self.core_layers(), self.inject(z, e, c_in), core, positions, keep, c)
-        run_coda = lambda d: run_layers_cached(self.coda_layers(), d, coda, positions, keep)  # noqa: E731
-        return self.readout_denoised(h, z, c_skip, c_out, c, run_coda, False)
+        if positions is None:
+            start = core[0].length
+            positions = torch.arange(start, start + e.shape[1], device=e.device)[None]
+        h = run_layers_cached(self.core_layers(), self.inject(z, e, c_in), core, positions, keep, c, mask=mask)
+        run_coda = lambda d: run_layers_cached(self.coda_layers(), d, coda, positions, keep, mask=mask)  # noqa: E731
+        return self.readout_denoised(h, z, c_skip, c_out, c, run_coda, skip_lm_head)
 
 
 # --------------------------------------------------------------------------------------------
