@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +100,27 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # -- the command line's convenience flags --------------------------------------------------------
 
 
-def _flag_value(flag: str, text: str, kind: type) -> Any:
+def _parse(text: str, kind: Any) -> Any:
+    """``text`` as a value of ``kind`` (a plain type, a tuple of numbers, or an optional ``X | None``:
+    ``none`` unsets it); ValueError when it is not one."""
+    if kind is tuple:  # --optimizer.betas 0.9,0.95 (or [0.9, 0.95])
+        return tuple(float(v) for v in text.strip("[]() ").split(","))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in typing.get_args(kind):
+            return None
+        for arg in typing.get_args(kind):
+            if arg is not type(None):
+                try:
+                    return _parse(text, arg)
+                except ValueError:
+                    pass
+        raise ValueError(text)
+    return kind(text)
+
+
+def _flag_value(flag: str, text: str, kind: Any) -> Any:
     try:
-        if kind is tuple:  # --optimizer.betas 0.9,0.95 (or [0.9, 0.95])
-            return tuple(float(v) for v in text.strip("[]() ").split(","))
-        return kind(text)
+        return _parse(text, kind)
     except ValueError:
         allowed = "two numbers, e.g. 0.9,0.95" if kind is tuple else describe(kind)
         raise TomlError(f"{flag} {text}: must be {allowed}") from None

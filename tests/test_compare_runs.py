@@ -189,3 +189,49 @@ def test_real_runs_write_metrics_and_compare(tmp_path):
     # equal tokens: 2 e2e steps of 1024 tokens → DB step 2; equal FLOPs: 2·E2E/DB per step = 3.53 → "3.5"
     assert f"{2 * E2E_FLOPS_PER_STEP / DB_FLOPS_PER_STEP:.1f}" == "3.5"
     assert "| db | 4 | 4 (2.00× e2e) | 2 | 3.5 |" in (out / "report.md").read_text()
+
+
+STUB_PY = """#!/usr/bin/env python3
+import os, sys
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(" ".join(args) + "\\n")
+if args[:2] == ["-m", "dblocks_titan.train"]:
+    step = os.path.join(args[args.index("--dump_folder") + 1], "checkpoint", "step-1")
+    os.makedirs(step, exist_ok=True)
+    open(os.path.join(step, ".metadata"), "w").close()
+elif args[0].endswith("compare_runs.py"):
+    out = args[args.index("--out") + 1]
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, "report.md"), "w").close()
+"""
+
+
+@pytest.mark.parametrize("pair", ["debug", "long"])
+def test_compare_pair_trains_each_run_once_and_scores_with_the_right_reference(pair, tmp_path):
+    """scripts/compare_pair.sh with a stub interpreter: the commands it runs, in order; a second call
+    retrains nothing (every run has a checkpoint) and only re-evaluates."""
+    stub, log = tmp_path / "py", tmp_path / "calls.log"
+    stub.write_text(STUB_PY)
+    stub.chmod(0o755)
+    env = {**os.environ, "PY": str(stub), "STUB_LOG": str(log), "OUT": str(tmp_path / "runs"),
+           "RESULTS": str(tmp_path / "results")}
+    for _ in range(2):
+        subprocess.run(["bash", os.path.join(REPO, "scripts/compare_pair.sh"), pair], env=env, check=True,
+                       capture_output=True)
+    calls = log.read_text().splitlines()
+    trains = [c for c in calls if c.startswith("-m dblocks_titan.train")]
+    evals = [c for c in calls if c.startswith("-m dblocks_titan.eval")]
+    runs = tmp_path / "runs"
+    reference = ("train_configs/debug_llama_baseline.toml", runs / "llama3") if pair == "debug" else \
+        ("train_configs/reference_llama_12l.toml", runs / "reference")
+    assert len(trains) == (2 if pair == "debug" else 3) and len(evals) == 4
+    assert all(f"--eval.reference_config {reference[0]} --eval.reference_dump {reference[1]}" in e for e in evals)
+    if pair == "long":
+        assert trains[0].startswith(f"-m dblocks_titan.train --job.config_file {reference[0]}")
+        assert "--training.steps 1500" in trains[1] and "--training.steps 2647" in trains[2]
+        assert "--training.steps 2647" in evals[1]
+    note = (tmp_path / "results" / "report.md").read_text()
+    assert f"`bash scripts/compare_pair.sh {pair}` on {len(os.sched_getaffinity(0))} CPU cores" in note
+    assert subprocess.run(["bash", os.path.join(REPO, "scripts/compare_pair.sh"), "nope"], env=env,
+                          capture_output=True, text=True).returncode == 2

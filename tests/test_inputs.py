@@ -575,3 +575,13 @@ def test_debug_flag_sets_the_traceback_switch(monkeypatch):
     assert DEBUG_ENV not in os.environ
     assert take_debug_flag(["--debug", "--training.steps", "3"]) == ["--training.steps", "3"]
     assert os.environ[DEBUG_ENV] == "1"
+
+
+def test_optional_model_keys_are_flags_too():
+    """``[model] cond_dim`` / ``time_scale`` are ``X | None``: a number sets them, ``none`` keeps the default."""
+    config = parse("--job.config_file", DEBUG, "--model.cond_dim", "128", "--model.time_scale", "1000")
+    assert config.model_spec.model.t_embedder.dim == 128 and config.model_spec.model.t_embedder.time_scale == 1000.0
+    default = parse("--job.config_file", DEBUG, "--model.cond_dim", "none")
+    assert default.model_spec.model.t_embedder.dim == 64  # dim 128 // 6 rounded up to 64
+    assert error_of(parse, "--job.config_file", DEBUG, "--model.cond_dim", "wide") == \
+        "--model.cond_dim wide: must be an int or unset"
