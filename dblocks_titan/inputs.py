@@ -33,7 +33,8 @@ from torchtitan.tools.logging import logger
 
 from dblocks_titan.checkpoints import check_resume
 from dblocks_titan.data.datasets import check_dataset
-from dblocks_titan.data.text8 import CharTokenizer, Text8DataLoader
+from dblocks_titan.data.chars import CharTokenizer
+from dblocks_titan.data.text8 import Text8DataLoader
 from dblocks_titan.errors import InputError
 
 __all__ = ["InputError", "Sources", "check_inputs", "check_values", "flag_keys", "field_hints"]

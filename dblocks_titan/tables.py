@@ -28,7 +28,7 @@ from typing import Any
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 from torchtitan.distributed.activation_checkpoint import FullAC, SelectiveAC
 
-from dblocks_titan.data.text8 import CharTokenizer
+from dblocks_titan.data.chars import CharTokenizer
 from dblocks_titan.data.tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 from dblocks_titan.errors import InputError
 from dblocks_titan.inputs import conforms, describe, field_hints, passes, RULES, Sources

@@ -65,9 +65,8 @@ def validations(log: str) -> dict[int, dict]:
 def unigram_bpc() -> float:
     """Bits per character on the validation split of the add-one unigram model of the training split."""
     sys.path.insert(0, str(ROOT))
-    import torch
-
-    from dblocks_titan.data.text8 import CharTokenizer, split_ids
+    from dblocks_titan.data.chars import CharTokenizer
+    from dblocks_titan.data.text8 import split_ids
     from dblocks_titan.text_metrics import unigram_log_probs
 
     chars = CharTokenizer().get_vocab_size() - 1  # [MASK] is never a label

@@ -585,3 +585,15 @@ def test_optional_model_keys_are_flags_too():
     assert default.model_spec.model.t_embedder.dim == 64  # dim 128 // 6 rounded up to 64
     assert error_of(parse, "--job.config_file", DEBUG, "--model.cond_dim", "wide") == \
         "--model.cond_dim wide: must be an int or unset"
+
+
+@pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    """Every file in train_configs/ describes a config (sections, keys, types, ranges); the reference
+    model of the long CPU pair keeps its 12 layers."""
+    from dblocks_titan.toml_config import load_toml
+
+    config = load_toml(path)
+    assert config.model_spec.name in ("llama3", "dblocks_llama", "mdlm", "dblocks_mdlm", "huginn", "dblocks_huginn")
+    if path.name == "reference_llama_12l.toml":
+        assert len(config.model_spec.model.layers) == 12

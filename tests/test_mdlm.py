@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dblocks_titan.data.markov import MarkovSource
-from dblocks_titan.data.text8 import CharTokenizer, MASK_ID, Text8DataLoader
+from dblocks_titan.data.chars import CharTokenizer, MASK_ID
+from dblocks_titan.data.text8 import Text8DataLoader
 from dblocks_titan.diffusion import block_t_range, t_to_block, widened_t_range
 from dblocks_titan.models import mdlm
 from dblocks_titan.nelbo import nelbo_per_range

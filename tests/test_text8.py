@@ -13,6 +13,7 @@ import torch
 
 from dblocks_titan.data import CharTokenizer, Text8DataLoader, normalize, read_text8
 from dblocks_titan.data import text8 as t8
+from dblocks_titan.data.chars import ALPHABET
 from dblocks_titan.data.datasets import SHAKESPEARE_VALIDATION_TITLES
 from dblocks_titan.data.markov import MARKOV_SPLIT_CHARS, MarkovSource, markov_source, markov_text
 
@@ -210,7 +211,7 @@ def test_embedded_text8_corpus():
     assert test == val  # documented: the held-out works serve as both
     assert 5_000_000 < len(train) < 6_500_000 and 250_000 < len(val) < 400_000
     for text in (train, val):
-        assert set(text) == set(t8.ALPHABET) and "  " not in text and text == text.strip()
+        assert set(text) == set(ALPHABET) and "  " not in text and text == text.strip()
     assert val.startswith("macbeth") and "areopagitica" in val and "to be or not to be" in train
     macbeth_line = "to morrow and to morrow and to morrow creeps in this petty pace"
     assert macbeth_line in val and macbeth_line not in train
@@ -249,7 +250,7 @@ def test_markov_entropy_of_hand_made_chains():
     assert abs(uniform.entropy_per_char(256) - math.log(27)) < 1e-12
     cycle = MarkovSource.from_transitions(np.eye(27)[np.roll(np.arange(27), -1)])  # a -> b -> ... -> ' ' -> a
     assert cycle.entropy_rate() == 0 and abs(cycle.entropy_per_char(27) - math.log(27) / 27) < 1e-12
-    assert cycle.sample(30, seed=0)[1:4] in (t8.ALPHABET * 3)
+    assert cycle.sample(30, seed=0)[1:4] in (ALPHABET * 3)
     # space -> one of the 26 letters uniformly, any letter -> space: pi(space) = 1/2, so H = ln(26) / 2.
     p = np.zeros((27, 27))
     p[0, 1:] = 1 / 26
@@ -275,7 +276,7 @@ def test_markov_seeds_reproducible_and_splits_distinct():
     assert np.array_equal(a.transitions, b.transitions) and not np.array_equal(a.transitions, c.transitions)
     assert a.sample(1000, seed=1) == b.sample(1000, seed=1) != a.sample(1000, seed=2)
     val = markov_text("validation")
-    assert len(val) == MARKOV_SPLIT_CHARS["validation"] and set(val) <= set(t8.ALPHABET)
+    assert len(val) == MARKOV_SPLIT_CHARS["validation"] and set(val) <= set(ALPHABET)
     assert val == markov_text("validation") != markov_text("test")
     print(f"markov entropy rates (nats/char): order 1 {markov_source(1, 0).entropy_rate():.6f}, "
           f"order 2 {markov_source(2, 0).entropy_rate():.6f}")

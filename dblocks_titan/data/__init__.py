@@ -8,8 +8,9 @@ Importing this package registers ``shakespeare``, ``owt``, ``lm1b`` and their ``
 
 from pathlib import Path
 
+from .chars import CharTokenizer
 from .datasets import register_datasets
-from .text8 import CharTokenizer, Text8DataLoader, normalize, read_text8
+from .text8 import Text8DataLoader, normalize, read_text8
 from .tokenizers import SentencePieceTokenizer, TiktokenTokenizer
 
 TOKENIZER_DIR = str(Path(__file__).resolve().parents[1] / "assets/tokenizer")

@@ -6,7 +6,7 @@ that start without context, :meth:`MarkovSource.entropy_per_char` ``(L)``. Serve
 :class:`~dblocks_titan.data.text8.Text8DataLoader` as ``--dataloader.dataset markov``.
 
 States are the last ``k`` symbols ``(c_1, ..., c_k)`` (oldest first), numbered ``s = sum_i c_i 27^(k-i)``
-with ids from :data:`~dblocks_titan.data.text8.ALPHABET`; the next state after symbol ``c`` is
+with ids from :data:`~dblocks_titan.data.chars.ALPHABET`; the next state after symbol ``c`` is
 ``(s * 27 + c) mod 27^k``.
 """
 
@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .text8 import ALPHABET, SPLITS, CharTokenizer
+from .chars import ALPHABET, CharTokenizer, SPLITS
 
 N_SYMBOLS = len(ALPHABET)  # 27
 
