@@ -200,6 +200,9 @@ if args[:2] == ["-m", "dblocks_titan.train"]:
     step = os.path.join(args[args.index("--dump_folder") + 1], "checkpoint", "step-1")
     os.makedirs(step, exist_ok=True)
     open(os.path.join(step, ".metadata"), "w").close()
+elif args[:2] == ["-m", "dblocks_titan.eval"]:
+    step = os.path.join(args[args.index("--dump_folder") + 1], "checkpoint")
+    open(os.path.join(step, "eval_step1.json"), "w").write(" ".join(args))
 elif args[0].endswith("compare_runs.py"):
     out = args[args.index("--out") + 1]
     os.makedirs(out, exist_ok=True)
@@ -215,7 +218,7 @@ def test_compare_pair_trains_each_run_once_and_scores_with_the_right_reference(p
     stub.write_text(STUB_PY)
     stub.chmod(0o755)
     env = {**os.environ, "PY": str(stub), "STUB_LOG": str(log), "OUT": str(tmp_path / "runs"),
-           "RESULTS": str(tmp_path / "results")}
+           "RESULTS": str(tmp_path / "results"), "REF_DUMP": str(tmp_path / "runs" / "reference"), "SEED": "3"}
     for _ in range(2):
         subprocess.run(["bash", os.path.join(REPO, "scripts/compare_pair.sh"), pair], env=env, check=True,
                        capture_output=True)
@@ -225,13 +228,18 @@ def test_compare_pair_trains_each_run_once_and_scores_with_the_right_reference(p
     runs = tmp_path / "runs"
     reference = ("train_configs/debug_llama_baseline.toml", runs / "llama3") if pair == "debug" else \
         ("train_configs/reference_llama_12l.toml", runs / "reference")
-    assert len(trains) == (2 if pair == "debug" else 3) and len(evals) == 4
+    assert len(trains) == (2 if pair == "debug" else 3) and len(evals) == 6
+    kept = {p.name: p.read_text() for p in (tmp_path / "results").glob("eval_*.json")}
+    assert sorted(kept) == ["eval_dblocks_ancestral_step1.json", "eval_dblocks_step1.json", "eval_llama3_step1.json"]
+    assert "--eval.solver ancestral" in kept["eval_dblocks_ancestral_step1.json"]
+    assert "ancestral" not in kept["eval_dblocks_step1.json"] and "debug_llama_baseline" in kept["eval_llama3_step1.json"]
     assert all(f"--eval.reference_config {reference[0]} --eval.reference_dump {reference[1]}" in e for e in evals)
     if pair == "long":
         assert trains[0].startswith(f"-m dblocks_titan.train --job.config_file {reference[0]}")
         assert "--training.steps 1500" in trains[1] and "--training.steps 2647" in trains[2]
-        assert "--training.steps 2647" in evals[1]
+        assert "--training.steps 2647" in evals[1] and "--training.steps 2647" in evals[2]
     note = (tmp_path / "results" / "report.md").read_text()
-    assert f"`bash scripts/compare_pair.sh {pair}` on {len(os.sched_getaffinity(0))} CPU cores" in note
+    assert f"`SEED=3 bash scripts/compare_pair.sh {pair}` on {len(os.sched_getaffinity(0))} CPU cores" in note
+    assert all("--debug.seed 3" in c for c in trains[-2:] + evals) and "--dblocks.seed 3" in trains[-1]
     assert subprocess.run(["bash", os.path.join(REPO, "scripts/compare_pair.sh"), "nope"], env=env,
                           capture_output=True, text=True).returncode == 2
