@@ -42,19 +42,22 @@ trained() { compgen -G "$1/checkpoint/step-*/.metadata" > /dev/null; }
 # keep RUN [TAG]: the run's latest eval JSON into $RESULTS as eval_<RUN><TAG>_step<N>.json
 keep() { local f; f=$(ls -v "$OUT/$1"/checkpoint/eval_step*.json | tail -1); mkdir -p "$RESULTS"
          cp "$f" "$RESULTS/eval_$1${2:-}_$(basename "$f" | sed 's/^eval_//')"; }
-train() { local dump=$1; shift; trained "$dump" || $PY -m dblocks_titan.train "$@" --dump_folder "$dump" $CKPT; }
-set -x
+# every command goes into COMMANDS (the report's list), a training whether or not it runs
+COMMANDS=()
+note() { local c; printf -v c '%q ' "$@"; COMMANDS+=("${c% }"); }
+run() { note "$@"; echo "+ ${COMMANDS[-1]}" >&2; "$@"; }
+train() { local dump=$1; shift; set -- $PY -m dblocks_titan.train "$@" --dump_folder "$dump" $CKPT
+          if trained "$dump"; then note "$@"; else run "$@"; fi; }
 [ "$REF_DUMP" = "$OUT/llama3" ] || train "$REF_DUMP" --job.config_file "$REF_CONFIG"
 train "$OUT/llama3" --job.config_file $E2E $E2E_FLAGS
 train "$OUT/dblocks" --job.config_file $DB $DB_FLAGS
-$PY -m dblocks_titan.eval --job.config_file $E2E $E2E_FLAGS --dump_folder "$OUT/llama3" $REF $EVAL_FLAGS
+run $PY -m dblocks_titan.eval --job.config_file $E2E $E2E_FLAGS --dump_folder "$OUT/llama3" $REF $EVAL_FLAGS
 keep llama3
-$PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder "$OUT/dblocks" $REF $EVAL_FLAGS $ANCESTRAL
+run $PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder "$OUT/dblocks" $REF $EVAL_FLAGS $ANCESTRAL
 keep dblocks _ancestral
-$PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder "$OUT/dblocks" $REF $EVAL_FLAGS
+run $PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder "$OUT/dblocks" $REF $EVAL_FLAGS
 keep dblocks
-$PY scripts/compare_runs.py "$OUT/llama3" "$OUT/dblocks" --labels "titan e2e" "DiffusionBlocks B=4" --out $RESULTS
-set +x
+run $PY scripts/compare_runs.py "$OUT/llama3" "$OUT/dblocks" --labels "titan e2e" "DiffusionBlocks B=4" --out $RESULTS
 cat >> $RESULTS/report.md <<NOTE
 
 ## How this report was made
@@ -63,13 +66,7 @@ cat >> $RESULTS/report.md <<NOTE
 (a run with a checkpoint in its folder is not retrained):
 
 \`\`\`bash
-$([ "$REF_DUMP" = "$OUT/llama3" ] || echo "$PY -m dblocks_titan.train --job.config_file $REF_CONFIG --dump_folder $REF_DUMP $CKPT")
-$PY -m dblocks_titan.train --job.config_file $E2E $E2E_FLAGS --dump_folder $OUT/llama3 $CKPT
-$PY -m dblocks_titan.train --job.config_file $DB $DB_FLAGS --dump_folder $OUT/dblocks $CKPT
-$PY -m dblocks_titan.eval --job.config_file $E2E $E2E_FLAGS --dump_folder $OUT/llama3 $REF $EVAL_FLAGS
-$PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder $OUT/dblocks $REF $EVAL_FLAGS $ANCESTRAL
-$PY -m dblocks_titan.eval --job.config_file $DB $DB_FLAGS --dump_folder $OUT/dblocks $REF $EVAL_FLAGS
-$PY scripts/compare_runs.py $OUT/llama3 $OUT/dblocks --labels "titan e2e" "DiffusionBlocks B=4" --out $RESULTS
+$(printf '%s\n' "${COMMANDS[@]}")
 \`\`\`
 
 Generation: $EVAL_FLAGS (the paper's protocol is 1000 prompts × 5 continuations of 50 tokens), temperature 1,

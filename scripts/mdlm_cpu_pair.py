@@ -80,8 +80,7 @@ def run_name(model: str, variant: str, seed: int) -> str:
 
 
 def train_and_eval(model: str, variant: str, seed: int, args) -> dict:
-    _, config = MODELS[model]
-    config = f"train_configs/{config}.toml"
+    config = f"train_configs/{MODELS[model][1]}.toml"
     dump = ROOT / "outputs" / "mdlm_cpu" / run_name(model, variant, seed)
     flags = ["--job.dump_folder", str(dump), "--debug.seed", str(seed), *VARIANTS[variant][1]]
     if model == "db":
@@ -146,6 +145,7 @@ def report(results: dict) -> str:
     group = {}  # (variant, model) → [run, ...] over seeds
     for r in runs.values():
         group.setdefault((r["variant"], r["model"]), []).append(r)
+    columns = sorted(group, key=lambda k: (list(VARIANTS).index(k[0]), k[1] != "e2e"))  # by variant, e2e first
     seeds = sorted({r["seed"] for r in runs.values()})
     steps, t_samples = results["eval_steps"], results["eval_t_samples"]
 
@@ -181,7 +181,8 @@ def report(results: dict) -> str:
         "per seed | below unigram | r0 | r1 | r2 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, model), rs in sorted(group.items(), key=lambda kv: (list(VARIANTS).index(kv[0][0]), kv[0][1] != "e2e")):
+    for variant, model in columns:
+        rs = group[variant, model]
         n = rs[0]["eval"]["step"]
         per_layer = n / DB_BLOCKS if model == "db" else n
         values = [r["eval"]["bpc"] for r in rs]
@@ -215,7 +216,6 @@ def report(results: dict) -> str:
                          f"{difference(db, e2e)}.")
     lines += ["", "Validation bound logged during training (BPC, mean over seeds; 4 fixed held-out batches × 8 t per range):",
               ""]
-    columns = sorted(group, key=lambda k: (list(VARIANTS).index(k[0]), k[1] != "e2e"))
     lines += ["| step | " + " | ".join(f"{m} {v}" for v, m in columns) + " |", "|---|" + "---|" * len(columns)]
     steps_logged = sorted({s for rs in group.values() for r in rs for s in r["logged"]})
     for s in steps_logged:
