@@ -253,16 +253,27 @@ def baseline_ce(model, batches: list) -> float:
     return total / count
 
 
+SURE = math.log(0.5)
+"""A chain *ends on* token x when its final distribution gives x more than half the mass."""
+
+
 @torch.no_grad()
 def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1, 4, 16), seeds=(0, 1),
                chain: sampling.Chain = sampling.Chain()) -> dict:
     """Sampler CE over ``batches`` for each S of ``samples`` (nested: CE_S uses the first S of
     max(samples) chains), once per seed: ``{"S=k": {"mean", "std", "each"}}`` over the seeds, and
-    ``"chain_ce"``: the spread of single-chain CE over all max(samples)·len(seeds) chains."""
+    ``"chain_ce"``: the spread of single-chain CE over all max(samples)·len(seeds) chains.
+
+    What bounds CE_S when each chain ends sure of one token (over all seeds): ``"hit_rate"`` {S=k: the
+    share of positions where at least one of k chains ends on the true token (p_s(x) > ½)},
+    ``"end_on_truth"``: the share of chains that do, and ``"miss_mass"``: the mean p_s(x) of the chains
+    that do not — the floor under −log mean_s p_s(x) when no chain hits (see :func:`sharp_end_ce`)."""
     device = next(model.parameters()).device
     top = max(samples)
     per_seed = {k: [] for k in samples}
     single = []
+    hits = torch.zeros(len(samples), dtype=torch.float64)
+    ends = misses = miss_mass = positions_seen = 0.0
     for seed in seeds:
         generator = torch.Generator(device=device).manual_seed(seed)
         sums = torch.zeros(len(samples), dtype=torch.float64)
@@ -273,14 +284,59 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
             valid = labels != IGNORE_INDEX
             log_probs = sampler_log_probs(model, tokens, labels, positions, samples=top, generator=generator,
                                           chain=chain)
+            on_truth = (log_probs > SURE) & valid
             for i, k in enumerate(samples):
                 sums[i] += mixture_ce(log_probs, valid, k).cpu()
+                hits[i] += float(on_truth[:k].any(0).sum())
+            missed = ~on_truth & valid
+            ends += float(on_truth.sum())
+            misses += float(missed.sum())
+            miss_mass += float((log_probs.double().exp() * missed).sum())
             chains += -(log_probs.double() * valid).sum((1, 2)).cpu()
             count += int(valid.sum())
         for i, k in enumerate(samples):
             per_seed[k].append(float(sums[i]) / count)
         single += (chains / count).tolist()
-    return {**{f"S={k}": _spread(v) for k, v in per_seed.items()}, "chain_ce": _spread(single)}
+        positions_seen += count
+    return {**{f"S={k}": _spread(v) for k, v in per_seed.items()}, "chain_ce": _spread(single),
+            "hit_rate": {f"S={k}": float(hits[i]) / positions_seen for i, k in enumerate(samples)},
+            "end_on_truth": ends / (positions_seen * top), "miss_mass": miss_mass / max(misses, 1.0)}
+
+
+def sharp_end_ce(log_q: torch.Tensor, valid: torch.Tensor, samples: int, miss_mass: float) -> torch.Tensor:
+    """``Σ_tokens E_k[−log(k/S + (1 − k/S)·f)]``, k ~ Binomial(S, q(x)) (fp64): the expected CE_S of a
+    sampler whose draws follow q *exactly* and whose every chain ends sure of its draw — p_s(x) = 1 when
+    chain s drew x, else the floor f = ``miss_mass``. ``log_q`` [B, N]: log q(label) of a reference LM,
+    ``valid`` [B, N]. With q a baseline's next-token distribution it is the CE_S that baseline's own
+    distribution would score through a DiffusionBlocks chain as sharp at its end: the part of CE_S
+    that is the estimator's (S finite, ends sharp), not the model's. Hit rate: 1 − (1 − q)^S."""
+    log_q = log_q.double().clamp(max=0.0)
+    log_1mq = torch.log1p(-log_q.exp().clamp(max=1 - 1e-12))
+    k = torch.arange(samples + 1, dtype=torch.float64, device=log_q.device)
+    log_pmf = (math.lgamma(samples + 1) - torch.lgamma(k + 1) - torch.lgamma(samples - k + 1)
+               + k * log_q[..., None] + (samples - k) * log_1mq[..., None])
+    nll = -torch.log(k / samples + (1 - k / samples) * miss_mass)
+    return ((log_pmf.exp() * nll).sum(-1) * valid).sum()
+
+
+@torch.no_grad()
+def sharp_end_reference(reference, batches: list, *, samples, miss_mass: float) -> dict:
+    """:func:`sharp_end_ce` and the hit rate 1 − (1 − q)^S of a titan ``llama3`` ``reference`` on
+    ``batches``, for each S of ``samples``: ``{"S=k": {"ce", "hit_rate"}}``."""
+    device = next(reference.parameters()).device
+    sums = torch.zeros(len(samples), 2, dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        tokens, _, labels = _batch_tensors(batch, device)
+        valid = labels != IGNORE_INDEX
+        log_q = sampling.baseline_logits(reference, tokens).float().log_softmax(-1)
+        log_q = log_q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        for i, k in enumerate(samples):
+            sums[i, 0] += sharp_end_ce(log_q, valid, k, miss_mass).cpu()
+            sums[i, 1] += float(((1 - (1 - log_q.double().exp()) ** k) * valid).sum())
+        count += int(valid.sum())
+    return {f"S={k}": {"ce": float(sums[i, 0]) / count, "hit_rate": float(sums[i, 1]) / count}
+            for i, k in enumerate(samples)}
 
 
 @torch.no_grad()

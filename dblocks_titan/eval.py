@@ -21,7 +21,10 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    ``--eval.ce_draws`` noise draws (mean, std, each); ``sampler_ce``: ``S=k`` = −log mean_s p_s(x) of k
    sampler chains (``--eval.sampler_samples``; two seeds: mean, std), teacher-forced, the sampler of
    ``--eval.{num_levels,grid,bridge,solver,...}`` (``dblocks_huginn``: its core iterations are the
-   levels) — the DiffusionBlocks number that compares one-for-one with the baseline's CE.
+   levels) — the DiffusionBlocks number that compares one-for-one with the baseline's CE — with its
+   ``hit_rate``, ``end_on_truth`` and ``miss_mass``; with a reference (item 4), ``sampler_ce_sharp_reference``:
+   the CE_S the reference's own next-token distribution would score through a chain that ends as sharp
+   (:func:`dblocks_titan.ar_eval.sharp_end_ce`), i.e. what S finite costs a perfect sampler.
 3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
    ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
    continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
@@ -66,6 +69,7 @@ from dblocks_titan.ar_eval import (
     heldout_windows,
     reference_scores,
     sampler_ce,
+    sharp_end_reference,
     sigma_ce,
     sigma_max_ce,
     unigram_ce,
@@ -277,9 +281,9 @@ def prepare_ar(config, opts: EvalOptions) -> ARPlan:
     return ARPlan(windows=windows, reference=reference, reference_dir=reference_dir)
 
 
-def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dict:
-    """Sample continuations of the plan's prompts, then diversity / repetition / entropy, and with a
-    reference gen-ppl and MAUVE (see the module docstring)."""
+def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer, reference=None) -> dict:
+    """Sample continuations of the plan's prompts, then diversity / repetition / entropy, and with the
+    loaded ``reference`` model gen-ppl and MAUVE (see the module docstring)."""
     device = next(model.parameters()).device
     prompts, truth = plan.windows[:, : opts.prompt_len], plan.windows[:, opts.prompt_len :]
     sampler = dict(temperature=opts.temperature, top_p=opts.top_p)
@@ -304,10 +308,8 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer) -> dic
         out["generation/mauve"] = mauve(hf_text_features(p_text, opts.mauve_features),
                                         hf_text_features(decode(truth, prompts), opts.mauve_features),
                                         num_buckets=buckets, seed=opts.seed)
-    if plan.reference is None:
+    if reference is None:
         return out
-    plan.reference.model_spec.model.update_from_config(config=plan.reference)
-    reference = load_plain_model(plan.reference.model_spec.model, plan.reference_dir, device)
     sampled = reference_scores(reference, prompts.repeat_interleave(opts.continuations, 0), samples,
                                batch_size=opts.batch_size)
     heldout = reference_scores(reference, prompts, truth, batch_size=opts.batch_size)
@@ -333,14 +335,22 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
     unigram = trainer.validator.unigram()
     if unigram is not None:
         out["unigram_ce"] = unigram_ce(unigram, batches)
+    samples = [int(k) for k in opts.sampler_samples.split(",")]
     if isinstance(model, DB_AR):
         out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))
         if isinstance(model, DBlocksLlama):
             out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
-        out["sampler_ce"] = sampler_ce(model, batches, samples=[int(k) for k in opts.sampler_samples.split(",")],
-                                       seeds=(opts.seed, opts.seed + 1), chain=chain(opts))
+        out["sampler_ce"] = sampler_ce(model, batches, samples=samples, seeds=(opts.seed, opts.seed + 1),
+                                       chain=chain(opts))
+    reference = None
+    if plan.reference is not None:
+        plan.reference.model_spec.model.update_from_config(config=plan.reference)
+        reference = load_plain_model(plan.reference.model_spec.model, plan.reference_dir, trainer.device)
+        if isinstance(model, DB_AR):
+            out["sampler_ce_sharp_reference"] = sharp_end_reference(
+                reference, batches, samples=samples, miss_mass=out["sampler_ce"]["miss_mass"])
     if opts.prompts:
-        out.update(generation_metrics(model, plan, opts, trainer.tokenizer))
+        out.update(generation_metrics(model, plan, opts, trainer.tokenizer, reference))
     out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DB_AR) or k not in DB_ONLY}
     return out
 

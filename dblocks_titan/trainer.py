@@ -116,6 +116,10 @@ class DBlocksConfig:
     steps_per_block: int = 1
     """K: a block drawn by the schedule trains K consecutive optimizer steps (K = 1: a new draw every
     step). Larger K amortises the offload copies over K steps."""
+    steps_per_block_from: int = 0
+    """F > 0: the runs of K start after optimizer step F; steps 1…F draw a new block every step (K = 1).
+    With ``freeze_shared_after`` = F this is the remedy for long runs: the shared modules train while
+    every block interleaves, then freeze, so no run of K can drift them away from the other blocks."""
     freeze_shared_after: int = 0
     """A remedy for shared-module drift (a block's CE rises once other blocks have moved the shared
     embeddings, head, time embedder and final adaLN it was trained with; long ``steps_per_block`` runs and
@@ -203,7 +207,8 @@ class DBlocksTrainer(Trainer):
             self.checkpointer.around_io.append(partial(self.offload.checkpoint_io, self.checkpointer))
         self.objective = build_objective(self.model_config, config.dblocks)
         self.schedule = BlockSchedule.Config(
-            kind=db.block_schedule, seed=db.seed, steps_per_block=db.steps_per_block
+            kind=db.block_schedule, seed=db.seed, steps_per_block=db.steps_per_block,
+            steps_per_block_from=db.steps_per_block_from,
         ).build(num_blocks=db.num_blocks, total_steps=config.training.steps)
         self.block = 0
         self.running_loss: dict[int, float] = {}

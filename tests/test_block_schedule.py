@@ -8,8 +8,9 @@ from test_config import draws
 from dblocks_titan.block_schedule import BlockSchedule
 
 
-def make(kind: str, k: int, *, seed: int = 0, steps: int = 16):
-    return BlockSchedule.Config(kind=kind, seed=seed, steps_per_block=k).build(num_blocks=4, total_steps=steps)
+def make(kind: str, k: int, *, seed: int = 0, steps: int = 16, runs_from: int = 0):
+    return BlockSchedule.Config(kind=kind, seed=seed, steps_per_block=k, steps_per_block_from=runs_from).build(
+        num_blocks=4, total_steps=steps)
 
 
 def test_a_drawn_block_trains_k_consecutive_steps():
@@ -20,21 +21,29 @@ def test_a_drawn_block_trains_k_consecutive_steps():
     assert draws(make("random", 3), 30) == [b for b in once for _ in range(3)]  # the same draws, each 3 times
 
 
+def test_runs_of_k_start_after_steps_per_block_from():
+    assert draws(make("round_robin", 3, runs_from=5), 14) == [0, 1, 2, 3, 0] + [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    # sequential: each phase its own sequence, 8 steps with K = 1, then 8 steps in 4 runs of 2
+    assert draws(make("sequential", 2, runs_from=8), 16) == [0, 0, 1, 1, 2, 2, 3, 3] + [0, 0, 1, 1, 2, 2, 3, 3]
+    once = draws(make("random", 1), 7)  # the first 4 draws one step each, then runs of 3
+    assert draws(make("random", 3, runs_from=4), 13) == once[:4] + [b for b in once[4:] for _ in range(3)]
+
+
 @pytest.mark.parametrize("kind", ["random", "round_robin", "sequential"])
-@pytest.mark.parametrize("k", [1, 3])
-def test_peek_tells_the_next_block_without_drawing_it(kind, k):
-    schedule, reference = make(kind, k), make(kind, k)
+@pytest.mark.parametrize("k,runs_from", [(1, 0), (3, 0), (3, 5)])
+def test_peek_tells_the_next_block_without_drawing_it(kind, k, runs_from):
+    schedule, reference = make(kind, k, runs_from=runs_from), make(kind, k, runs_from=runs_from)
     for _ in range(16):
         assert schedule.peek() == schedule.peek() == schedule.next() == reference.next()
 
 
-@pytest.mark.parametrize("stop", [4, 5, 6])  # in the middle of the second run, and at its end
-def test_resume_in_the_middle_of_a_run(stop):
-    schedule = make("random", 3, seed=3, steps=100)
+@pytest.mark.parametrize("stop,runs_from", [(4, 0), (5, 0), (6, 0), (2, 4), (6, 4), (7, 4)])
+def test_resume_in_the_middle_of_a_run(stop, runs_from):  # mid-run, at a run's end; before/after F
+    schedule = make("random", 3, seed=3, steps=100, runs_from=runs_from)
     draws(schedule, stop)
     state = schedule.state_dict()
     expected = draws(schedule, 20)
-    resumed = make("random", 3, seed=99, steps=100)
+    resumed = make("random", 3, seed=99, steps=100, runs_from=runs_from)
     resumed.load_state_dict(state)
     assert resumed.peek() == expected[0] and draws(resumed, 20) == expected
 

@@ -167,6 +167,10 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert result["ce_sigma_max"]["mean"] == pytest.approx(result["ce"], abs=0.05) and result["ce_sigma_max"]["std"] > 0
     assert result["sampler_ce"]["S=1"]["mean"] >= result["sampler_ce"]["S=4"]["mean"] >= result["sampler_ce"]["S=16"]["mean"]
     assert abs(result["sampler_ce"]["S=16"]["mean"] - log_v) > 0.2
+    hits, sharp = result["sampler_ce"]["hit_rate"], result["sampler_ce_sharp_reference"]
+    assert 0 < hits["S=1"] <= hits["S=4"] <= hits["S=16"] < 1 and 0 < result["sampler_ce"]["miss_mass"] < 0.5
+    assert sharp["S=1"]["ce"] > sharp["S=4"]["ce"] > sharp["S=16"]["ce"] > 0
+    assert 0 < sharp["S=1"]["hit_rate"] < sharp["S=16"]["hit_rate"] < 1
     assert result["level_blocks"] == [0, 1, 2, 3] and len(result["sigma_levels"]) == 4
     assert len(result["ce_per_level"]) == 4 and len(result["ce_per_block"]) == 4
     assert all(0 < ce < 20 for ce in result["ce_per_level"] + result["ce_per_block"])
@@ -248,8 +252,9 @@ def test_eval_of_a_dblocks_huginn_run_reports_the_sampler_ce_of_its_chain(tmp_pa
     expected = sampler_ce(model, batches, samples=(1, 4), seeds=(0, 1),
                           chain=Chain(num_levels=4, solver="ancestral", bridge="sample"))
     got = result["sampler_ce"]
-    assert got.keys() == expected.keys() == {"S=1", "S=4", "chain_ce"}
-    for key in got:
+    assert got.keys() == expected.keys() == {"S=1", "S=4", "chain_ce", "hit_rate", "end_on_truth", "miss_mass"}
+    for key in ("S=1", "S=4", "chain_ce"):
         assert got[key]["each"] == pytest.approx(expected[key]["each"], rel=1e-6)
+    assert got["hit_rate"] == pytest.approx(expected["hit_rate"]) and got["miss_mass"] == pytest.approx(expected["miss_mass"])
     assert got["S=4"]["mean"] < got["chain_ce"]["mean"]  # each seed's mixture is below its chains' mean (Jensen)
     assert abs(got["S=1"]["mean"] - math.log(VOCAB)) > 0.05  # a trained model, not the zero-init head's ln V

@@ -297,19 +297,20 @@ def test_eval_reads_a_checkpoint_trained_with_offload_block(one_process):
 
 
 def test_resume_in_the_middle_of_a_steps_per_block_run(tmp_path):
-    """offload = block, ``steps_per_block = 3``: blocks come in runs of 3 steps, and a run resumed from the
-    step-5 checkpoint (in the middle of the second run) repeats steps 6..9 exactly; the step-5
-    checkpoint is written asynchronously (``--checkpoint.async_mode async``, with the store's staging guard)."""
-    args = [PY, *TRAIN, "--training.steps", "9", "--checkpoint.enable", "--checkpoint.interval", "5",
+    """offload = block, ``steps_per_block = 3`` from step 1 on (``steps_per_block_from = 1``): step 1 is
+    its own draw, then blocks come in runs of 3 steps, and a run resumed from the step-5 checkpoint (in
+    the middle of the second run) repeats steps 6..10 exactly; the step-5 checkpoint is written
+    asynchronously (``--checkpoint.async_mode async``, with the store's staging guard)."""
+    args = [PY, *TRAIN, "--training.steps", "10", "--checkpoint.enable", "--checkpoint.interval", "5",
             "--checkpoint.async_mode", "async", "--validator.no-enable", "--dblocks.offload", "block",
-            "--dblocks.steps_per_block", "3"]
+            "--dblocks.steps_per_block", "3", "--dblocks.steps_per_block_from", "1"]
     run([*args, "--dump_folder", str(tmp_path / "whole")])
     whole = trace(tmp_path / "whole", 0)
     blocks = [r["block"] for r in whole]
-    assert blocks[0:3] == [blocks[0]] * 3 and blocks[3:6] == [blocks[3]] * 3 and blocks[6:] == [blocks[6]] * 3
+    assert all(blocks[i:i + 3] == [blocks[i]] * 3 for i in (1, 4, 7)) and len(blocks) == 10
     assert len(set(blocks)) > 1
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoint" / "step-9")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint" / "step-10")
     (tmp_path / "resumed" / "dblocks_trace" / "rank0.jsonl").unlink()
     out = run([*args, "--dump_folder", str(tmp_path / "resumed")])
     assert "Training starts at step 6" in out and trace(tmp_path / "resumed", 0) == whole[5:]
@@ -348,6 +349,8 @@ def debug_config_with(tmp_path, dblocks: str):
     ("steps_per_block = 0", "dblocks.steps_per_block = 0: must be an int >= 1"),
     ("prefetch = 'later'", "dblocks.prefetch = 'later': must be one of 'after_step', 'step_start'"),
     ("steps_per_block = 2.5", "dblocks.steps_per_block = 2.5: must be an int >= 1"),
+    ("steps_per_block_from = -1",
+     "dblocks.steps_per_block_from = -1: must be an int >= 0 (0: runs of K from the first step)"),
     ("offload_optimizer = true\noffload = 'block'",
      "dblocks.offload_optimizer = True: must be false (deprecated) with dblocks.offload = 'block'"),
 ])
