@@ -266,14 +266,15 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
 
     What bounds CE_S when each chain ends sure of one token (over all seeds): ``"hit_rate"`` {S=k: the
     share of positions where at least one of k chains ends on the true token (p_s(x) > ½)},
-    ``"end_on_truth"``: the share of chains that do, and ``"miss_mass"``: the mean p_s(x) of the chains
-    that do not — the floor under −log mean_s p_s(x) when no chain hits (see :func:`sharp_end_ce`)."""
+    ``"end_on_truth"``: the share of chains that do, and of the chains that do not (the floor under
+    −log mean_s p_s(x) when no chain hits, see :func:`sharp_end_ce`) ``"miss_mass"``, the mean p_s(x),
+    and ``"miss_log_mass"``, the mean log p_s(x)."""
     device = next(model.parameters()).device
     top = max(samples)
     per_seed = {k: [] for k in samples}
     single = []
     hits = torch.zeros(len(samples), dtype=torch.float64)
-    ends = misses = miss_mass = positions_seen = 0.0
+    ends = misses = miss_mass = miss_log_mass = positions_seen = 0.0
     for seed in seeds:
         generator = torch.Generator(device=device).manual_seed(seed)
         sums = torch.zeros(len(samples), dtype=torch.float64)
@@ -292,6 +293,7 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
             ends += float(on_truth.sum())
             misses += float(missed.sum())
             miss_mass += float((log_probs.double().exp() * missed).sum())
+            miss_log_mass += float((log_probs.double() * missed).sum())
             chains += -(log_probs.double() * valid).sum((1, 2)).cpu()
             count += int(valid.sum())
         for i, k in enumerate(samples):
@@ -300,7 +302,8 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
         positions_seen += count
     return {**{f"S={k}": _spread(v) for k, v in per_seed.items()}, "chain_ce": _spread(single),
             "hit_rate": {f"S={k}": float(hits[i]) / positions_seen for i, k in enumerate(samples)},
-            "end_on_truth": ends / (positions_seen * top), "miss_mass": miss_mass / max(misses, 1.0)}
+            "end_on_truth": ends / (positions_seen * top), "miss_mass": miss_mass / max(misses, 1.0),
+            "miss_log_mass": miss_log_mass / max(misses, 1.0)}
 
 
 def sharp_end_ce(log_q: torch.Tensor, valid: torch.Tensor, samples: int, miss_mass: float) -> torch.Tensor:
@@ -320,11 +323,14 @@ def sharp_end_ce(log_q: torch.Tensor, valid: torch.Tensor, samples: int, miss_ma
 
 
 @torch.no_grad()
-def sharp_end_reference(reference, batches: list, *, samples, miss_mass: float) -> dict:
-    """:func:`sharp_end_ce` and the hit rate 1 − (1 − q)^S of a titan ``llama3`` ``reference`` on
-    ``batches``, for each S of ``samples``: ``{"S=k": {"ce", "hit_rate"}}``."""
+def sharp_end_reference(reference, batches: list, *, samples, miss_mass: float, miss_log_mass: float) -> dict:
+    """The hit rate 1 − (1 − q)^S and :func:`sharp_end_ce` of a titan ``llama3`` ``reference`` on
+    ``batches``, for each S of ``samples``: ``{"S=k": {"hit_rate", "ce_low", "ce_high"}}``. The misses of a
+    real chain have floors f_j of their own; −log((1/S)·Σ_j f_j) lies between −log of their mean
+    (``miss_mass``: ``ce_low``) and their mean −log (``miss_log_mass``: ``ce_high``), so the CE_S of a
+    sampler drawing exactly from q with the chain's floors lies between the two (up to the hits' own p < 1)."""
     device = next(reference.parameters()).device
-    sums = torch.zeros(len(samples), 2, dtype=torch.float64)
+    sums = torch.zeros(len(samples), 3, dtype=torch.float64)
     count = 0
     for batch in batches:
         tokens, _, labels = _batch_tensors(batch, device)
@@ -332,10 +338,11 @@ def sharp_end_reference(reference, batches: list, *, samples, miss_mass: float) 
         log_q = sampling.baseline_logits(reference, tokens).float().log_softmax(-1)
         log_q = log_q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
         for i, k in enumerate(samples):
-            sums[i, 0] += sharp_end_ce(log_q, valid, k, miss_mass).cpu()
-            sums[i, 1] += float(((1 - (1 - log_q.double().exp()) ** k) * valid).sum())
+            sums[i, 0] += float(((1 - (1 - log_q.double().exp()) ** k) * valid).sum())
+            sums[i, 1] += sharp_end_ce(log_q, valid, k, miss_mass).cpu()
+            sums[i, 2] += sharp_end_ce(log_q, valid, k, math.exp(miss_log_mass)).cpu()
         count += int(valid.sum())
-    return {f"S={k}": {"ce": float(sums[i, 0]) / count, "hit_rate": float(sums[i, 1]) / count}
+    return {f"S={k}": dict(zip(("hit_rate", "ce_low", "ce_high"), (sums[i] / count).tolist()))
             for i, k in enumerate(samples)}
 
 

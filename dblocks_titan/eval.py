@@ -22,9 +22,10 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    sampler chains (``--eval.sampler_samples``; two seeds: mean, std), teacher-forced, the sampler of
    ``--eval.{num_levels,grid,bridge,solver,...}`` (``dblocks_huginn``: its core iterations are the
    levels) — the DiffusionBlocks number that compares one-for-one with the baseline's CE — with its
-   ``hit_rate``, ``end_on_truth`` and ``miss_mass``; with a reference (item 4), ``sampler_ce_sharp_reference``:
-   the CE_S the reference's own next-token distribution would score through a chain that ends as sharp
-   (:func:`dblocks_titan.ar_eval.sharp_end_ce`), i.e. what S finite costs a perfect sampler.
+   ``hit_rate``, ``end_on_truth``, ``miss_mass`` and ``miss_log_mass``; with a reference (item 4),
+   ``sampler_ce_sharp_reference``: the hit rate of a sampler that draws exactly from the reference's
+   next-token distribution, and the CE_S it would score ending as sharp as this chain (``ce_low`` …
+   ``ce_high``, :func:`dblocks_titan.ar_eval.sharp_end_reference`): what S finite costs a perfect sampler.
 3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
    ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
    continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
@@ -347,8 +348,9 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
         plan.reference.model_spec.model.update_from_config(config=plan.reference)
         reference = load_plain_model(plan.reference.model_spec.model, plan.reference_dir, trainer.device)
         if isinstance(model, DB_AR):
+            chains = out["sampler_ce"]
             out["sampler_ce_sharp_reference"] = sharp_end_reference(
-                reference, batches, samples=samples, miss_mass=out["sampler_ce"]["miss_mass"])
+                reference, batches, samples=samples, miss_mass=chains["miss_mass"], miss_log_mass=chains["miss_log_mass"])
     if opts.prompts:
         out.update(generation_metrics(model, plan, opts, trainer.tokenizer, reference))
     out["eval_options"] = {k: v for k, v in asdict(opts).items() if isinstance(model, DB_AR) or k not in DB_ONLY}

@@ -231,7 +231,9 @@ def mean_std(values: list[float]) -> str:
 
 def write_report(results: dict, support: list[dict], args, out_md: Path, carried: list[str]) -> None:
     lines = ["# AR DiffusionBlocks: diagnosis and ablation (default CPU pair)", "",
-             f"Made by `python scripts/ar_diagnosis.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {os.cpu_count()} CPU "
+             "Made by `python scripts/ar_diagnosis.py --seeds 0 1` (trains what is missing, evaluates, reports; "
+             "`--only RUN...` trains a subset, `--seeds` adds seeds; every seed on disk is reported). Last written by "
+             f"`python scripts/ar_diagnosis.py {' '.join(sys.argv[1:])}`".rstrip() + f" on {os.cpu_count()} CPU "
              f"cores ({time.strftime('%Y-%m-%d')}). debugmodel (8 × 128), embedded corpus and 4096-token BPE; "
              f"DB runs 600 steps (B = 4, γ = 0.1), twins 150 steps. Evaluated on the first {args.batches} "
              "held-out batches (8 × 128 tokens each) of the validation works; ± is the std over "
@@ -323,13 +325,15 @@ def main() -> None:
     previous = json.loads(previous_json.read_text())["results"] if previous_json.exists() else {}
     for run in RUNS:  # the report covers every run; --only chooses what is trained
         per_seed = []
-        for seed in args.seeds:
+        on_disk = {int(d.name.rsplit("_s", 1)[1]) for d in args.out.glob(f"{run.name}_s*") if d.is_dir()}
+        seeds = sorted(set(args.seeds) | on_disk)  # every trained seed is reported
+        for seed in seeds:
             dump = run_dir(args.out, run, seed)
             cached = dump / f"diagnosis_{args.batches}b_{args.draws}d.json"
             if cached.exists() and not args.re_evaluate:
                 per_seed.append(json.loads(cached.read_text()))
             elif (dump / "checkpoint").is_dir():
-                per_seed.append(evaluate(dump, run, batches, unigram, args.draws, first_seed=seed == args.seeds[0]))
+                per_seed.append(evaluate(dump, run, batches, unigram, args.draws, first_seed=seed == seeds[0]))
                 cached.write_text(json.dumps(per_seed[-1]))
         if not per_seed and run.name in previous:  # trained elsewhere: its evaluations from the results file
             per_seed, carried = previous[run.name], carried + [run.name]

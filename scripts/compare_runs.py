@@ -275,7 +275,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def val_cell(run: Run, step: float) -> str:
-    """Validation loss at the last validation at or before ``step`` (with its step)."""
+    """Validation loss at the last validation at or before ``step`` rounded to the nearest optimizer step
+    (a budget point is a fraction of a step; a run configured to the rounded step reaches it)."""
+    step = round(step)
     if run.last_step < step:
         return f"not reached (last step {run.last_step})"
     found = value_at(run.validation, VAL_LOSS, step)

@@ -20,28 +20,17 @@ import json
 import math
 import platform
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+
+from pair_common import ROOT, sh
+
 RUNS = {"e2e Huginn": "debug_huginn", "DiffusionBlocks Huginn, B = 1": "debug_dblocks_huginn"}
 VALIDATE = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([\d.]+)")
 EVAL_KEYS = ("ce", "generation/distinct_2", "generation/seq_rep_2", "generation/unigram_entropy", "generation/gen_ppl",
              "heldout/gen_ppl", "generation/mauve")
-
-
-def sh(cmd: list[str], log: Path | None = None) -> str:
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(out)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return out
 
 
 def validations(log: str) -> dict[int, float]:
@@ -108,6 +97,7 @@ def main() -> None:
             "eval": {k: metrics[k] for k in EVAL_KEYS if k in metrics},
             "ce_per_level": metrics.get("ce_per_level"),
             "sampler_ce": metrics.get("sampler_ce"),
+            "sampler_ce_sharp_reference": metrics.get("sampler_ce_sharp_reference"),
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -165,6 +155,21 @@ def report(results: dict) -> str:
                   f"{len(db['ce_per_level'] or []) or 'inference_depth'} core iterations of the default chain from S "
                   f"independent states, two seeds): {cells}; the best, {best:.3f}, is {best / e2e['eval']['ce'] - 1:+.1%} "
                   "against the baseline's CE (target: no worse than +5%)."]
+        sharp = db.get("sampler_ce_sharp_reference")
+        if sharp:
+            sampler = db["sampler_ce"]
+            lines += ["", "What bounds it: a chain that ends sure of one token scores about −log f (f: the p_s(x) of "
+                      "the chains that miss) at every position none of its S chains hits. "
+                      f"Share of the DB chains ending on the true token (p_s(x) > ½): {sampler['end_on_truth']:.3f}; "
+                      f"the misses' mean p_s(x) {sampler['miss_mass']:.2e}, mean log p_s(x) "
+                      f"{sampler['miss_log_mass']:.1f}; hit rate (a position with at least one chain on the truth) "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in sampler["hit_rate"].items())
+                      + ". A sampler that drew *exactly* from the reference LM's next-token distribution "
+                      "(`ar_eval.sharp_end_reference`) would hit "
+                      + ", ".join(f"{k} {v['hit_rate']:.3f}" for k, v in sharp.items())
+                      + ", and, ending as sharp as the DB chains, score a sampler CE of "
+                      + ", ".join(f"{k} {v['ce_low']:.2f} … {v['ce_high']:.2f}" for k, v in sharp.items())
+                      + ": the part of the sampler CE that S finite costs, not the model."]
     lines += [
         "",
         "Held-out CE logged during training (the same fixed batch):",

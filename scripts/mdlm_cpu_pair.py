@@ -21,34 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from pair_common import ROOT, sh
+
 MODELS = {"e2e": ("e2e MDLM (6 layers, 1 block)", "debug_mdlm"),
           "db": ("DiffusionBlocks B = 3 (2 layers a block)", "debug_dblocks_mdlm")}
 VARIANTS = {"default": ("lean conditioning (default: cond_dim 64 at d = 128)", []),
             "cond_full": ("full-width conditioning (cond_dim 128 = d, before issue 12)", ["--model.cond_dim", "128"])}
 DB_BLOCKS = 3
 VALIDATE = re.compile(r"validate step:\s+(\d+)\s+nelbo: ([\d.]+) nats/token = ([\d.]+) bits/token.*?: (.*)$")
-
-
-def sh(cmd: list[str], log: Path | None = None) -> str:
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    out = proc.stdout + proc.stderr
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(out)
-    if proc.returncode:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return out
 
 
 def validations(log: str) -> dict[int, dict]:

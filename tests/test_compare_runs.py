@@ -243,3 +243,12 @@ def test_compare_pair_trains_each_run_once_and_scores_with_the_right_reference(p
     assert all("--debug.seed 3" in c for c in trains[-2:] + evals) and "--dblocks.seed 3" in trains[-1]
     assert subprocess.run(["bash", os.path.join(REPO, "scripts/compare_pair.sh"), "nope"], env=env,
                           capture_output=True, text=True).returncode == 2
+
+
+def test_a_budget_point_a_fraction_of_a_step_past_the_last_step_is_reached():
+    """The equal-FLOP point of the long pair is step 2647.4 and its DB run is configured to 2647 steps."""
+    run = compare_runs.Run("db", "x", {}, train={2647: {}}, validation={2500: {compare_runs.VAL_LOSS: 5.0},
+                                                                         2647: {compare_runs.VAL_LOSS: 4.9}})
+    assert compare_runs.val_cell(run, 2647.4) == "4.9000 (step 2647)"
+    assert compare_runs.val_cell(run, 2647.6) == "not reached (last step 2647)"
+    assert compare_runs.val_cell(run, 2600) == "5.0000 (step 2500)"

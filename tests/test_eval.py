@@ -169,7 +169,8 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert abs(result["sampler_ce"]["S=16"]["mean"] - log_v) > 0.2
     hits, sharp = result["sampler_ce"]["hit_rate"], result["sampler_ce_sharp_reference"]
     assert 0 < hits["S=1"] <= hits["S=4"] <= hits["S=16"] < 1 and 0 < result["sampler_ce"]["miss_mass"] < 0.5
-    assert sharp["S=1"]["ce"] > sharp["S=4"]["ce"] > sharp["S=16"]["ce"] > 0
+    assert sharp["S=1"]["ce_low"] > sharp["S=4"]["ce_low"] > sharp["S=16"]["ce_low"] > 0
+    assert all(sharp[k]["ce_high"] >= sharp[k]["ce_low"] for k in sharp)  # mean −log f ≥ −log mean f
     assert 0 < sharp["S=1"]["hit_rate"] < sharp["S=16"]["hit_rate"] < 1
     assert result["level_blocks"] == [0, 1, 2, 3] and len(result["sigma_levels"]) == 4
     assert len(result["ce_per_level"]) == 4 and len(result["ce_per_block"]) == 4

@@ -39,4 +39,5 @@ def test_sampler_ce_reports_the_hits_of_its_chains(monkeypatch):
     assert report["hit_rate"] == {"S=1": pytest.approx(0.5), "S=2": pytest.approx(1.0)}
     assert report["end_on_truth"] == pytest.approx(2 / 4)
     assert report["miss_mass"] == pytest.approx((0.02 + 0.1) / 2)
+    assert report["miss_log_mass"] == pytest.approx((math.log(0.02) + math.log(0.1)) / 2)
     assert report["S=2"]["mean"] == pytest.approx(-(math.log(0.5) + math.log(0.41)) / 2)
