@@ -253,7 +253,8 @@ def test_eval_of_a_dblocks_huginn_run_reports_the_sampler_ce_of_its_chain(tmp_pa
     expected = sampler_ce(model, batches, samples=(1, 4), seeds=(0, 1),
                           chain=Chain(num_levels=4, solver="ancestral", bridge="sample"))
     got = result["sampler_ce"]
-    assert got.keys() == expected.keys() == {"S=1", "S=4", "chain_ce", "hit_rate", "end_on_truth", "miss_mass"}
+    assert got.keys() == expected.keys() == {"S=1", "S=4", "chain_ce", "hit_rate", "end_on_truth", "miss_mass",
+                                                "miss_log_mass"}
     for key in ("S=1", "S=4", "chain_ce"):
         assert got[key]["each"] == pytest.approx(expected[key]["each"], rel=1e-6)
     assert got["hit_rate"] == pytest.approx(expected["hit_rate"]) and got["miss_mass"] == pytest.approx(expected["miss_mass"])
