@@ -61,7 +61,8 @@ class Run:
 
     @property
     def last_step(self) -> int:
-        return max([*self.train, *self.validation, 0])
+        """The last step logged or evaluated (a run's final step is in its eval JSON when the log skipped it)."""
+        return max([*self.train, *self.validation, int(self.eval.get("step", 0)), 0])
 
     def tokens(self, step: float) -> float:
         return step * self.info["tokens_per_step"]

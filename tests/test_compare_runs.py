@@ -252,3 +252,6 @@ def test_a_budget_point_a_fraction_of_a_step_past_the_last_step_is_reached():
     assert compare_runs.val_cell(run, 2647.4) == "4.9000 (step 2647)"
     assert compare_runs.val_cell(run, 2647.6) == "not reached (last step 2647)"
     assert compare_runs.val_cell(run, 2600) == "5.0000 (step 2500)"
+    logged_to_2625 = compare_runs.Run("db", "x", {}, train={2625: {}}, validation={2500: {compare_runs.VAL_LOSS: 5.0}},
+                                      eval={"step": 2647})  # the final step is only in the eval JSON
+    assert compare_runs.val_cell(logged_to_2625, 2647.4) == "5.0000 (step 2500)"
