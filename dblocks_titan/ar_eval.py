@@ -161,6 +161,11 @@ def teacher_forced_recurrent(model: DBlocksHuginn, tokens, labels, positions, si
     return denoise
 
 
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` [B, N] (fp32) of logits [B, N, V]; ignored labels read token 0."""
+    return logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+
+
 @torch.no_grad()
 def sampler_log_probs(
     model: DBlocksLlama | DBlocksHuginn, tokens, labels, positions, *, samples: int, generator: torch.Generator,
@@ -185,9 +190,6 @@ def sampler_log_probs(
     def block_denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
         return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
 
-    def label_log_probs(logits):
-        return logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-
     out = []
     for _ in range(samples):
         z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
@@ -195,8 +197,8 @@ def sampler_log_probs(
                    if isinstance(model, DBlocksHuginn) else block_denoise)
         levels = []
         logits = sampling.run_chain(denoise, z, sigmas, table=table, chain=chain, generator=generator,
-                                    observe=(lambda j, lg: levels.append(label_log_probs(lg))) if every_level else None)
-        out.append(torch.stack(levels) if every_level else label_log_probs(logits))
+                                    observe=(lambda j, lg: levels.append(label_log_probs(lg, labels))) if every_level else None)
+        out.append(torch.stack(levels) if every_level else label_log_probs(logits, labels))
     return torch.stack(out, dim=1 if every_level else 0)
 
 
@@ -284,7 +286,7 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
             tokens, positions, labels = _batch_tensors(batch, device)
             valid = labels != IGNORE_INDEX
             log_probs = sampler_log_probs(model, tokens, labels, positions, samples=top, generator=generator,
-                                          chain=chain)
+                                          chain=chain).double()
             on_truth = (log_probs > SURE) & valid
             for i, k in enumerate(samples):
                 sums[i] += mixture_ce(log_probs, valid, k).cpu()
@@ -292,9 +294,9 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
             missed = ~on_truth & valid
             ends += float(on_truth.sum())
             misses += float(missed.sum())
-            miss_mass += float((log_probs.double().exp() * missed).sum())
-            miss_log_mass += float((log_probs.double() * missed).sum())
-            chains += -(log_probs.double() * valid).sum((1, 2)).cpu()
+            miss_mass += float((log_probs.exp() * missed).sum())
+            miss_log_mass += float((log_probs * missed).sum())
+            chains += -(log_probs * valid).sum((1, 2)).cpu()
             count += int(valid.sum())
         for i, k in enumerate(samples):
             per_seed[k].append(float(sums[i]) / count)
@@ -335,10 +337,10 @@ def sharp_end_reference(reference, batches: list, *, samples, miss_mass: float, 
     for batch in batches:
         tokens, _, labels = _batch_tensors(batch, device)
         valid = labels != IGNORE_INDEX
-        log_q = sampling.baseline_logits(reference, tokens).float().log_softmax(-1)
-        log_q = log_q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        log_q = label_log_probs(sampling.baseline_logits(reference, tokens), labels)
+        q = log_q.double().exp()
         for i, k in enumerate(samples):
-            sums[i, 0] += float(((1 - (1 - log_q.double().exp()) ** k) * valid).sum())
+            sums[i, 0] += float(((1 - (1 - q) ** k) * valid).sum())
             sums[i, 1] += sharp_end_ce(log_q, valid, k, miss_mass).cpu()
             sums[i, 2] += sharp_end_ce(log_q, valid, k, math.exp(miss_log_mass)).cpu()
         count += int(valid.sum())

@@ -344,7 +344,7 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
         out["sampler_ce"] = sampler_ce(model, batches, samples=samples, seeds=(opts.seed, opts.seed + 1),
                                        chain=chain(opts))
     reference = None
-    if plan.reference is not None:
+    if plan.reference is not None and (opts.prompts or isinstance(model, DB_AR)):  # gen-ppl/MAUVE; sharp-end CE
         plan.reference.model_spec.model.update_from_config(config=plan.reference)
         reference = load_plain_model(plan.reference.model_spec.model, plan.reference_dir, trainer.device)
         if isinstance(model, DB_AR):

@@ -24,7 +24,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-
 from pair_common import ROOT, sh
 
 RUNS = {"e2e Huginn": "debug_huginn", "DiffusionBlocks Huginn, B = 1": "debug_dblocks_huginn"}
