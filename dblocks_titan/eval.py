@@ -35,7 +35,8 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    from ``--eval.reference_dump``, default R's dump_folder): ``generation/gen_ppl`` = exp(mean NLL of
    the sampled tokens under the reference given the prompt), ``heldout/gen_ppl`` the same for the
    true continuations, and ``generation/mauve``: MAUVE of the samples (P) against the true
-   continuations (Q), features = the reference's final hidden states mean-pooled over the continuation.
+   continuations (Q), features = the reference's final hidden states mean-pooled over the continuation,
+   the mean over ``--eval.mauve_clusterings`` k-means seeds (``generation/mauve_std``: their spread).
    ``--eval.mauve_features gpt2-large`` (a Hugging Face name or local folder; needs ``transformers``)
    computes MAUVE with mauve-text's own featurizer on prompt + continuation instead, as the paper does.
 
@@ -81,7 +82,7 @@ from dblocks_titan.models.dblocks_llama import DBlocksLlama
 from dblocks_titan.diffusion import GRIDS
 from dblocks_titan.models.huginn import DBlocksHuginn
 from dblocks_titan.sampling import BRIDGES, Chain, SOLVERS
-from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve, sample_metrics
+from dblocks_titan.text_metrics import generative_perplexity, hf_text_features, mauve_over_clusterings, sample_metrics
 from dblocks_titan.toml_config import check_inputs, InputError, load_toml, TomlConfigManager
 from dblocks_titan.train import _single_process_env
 
@@ -122,6 +123,8 @@ class EvalOptions:
     reference_dump: str | None = _flag(None, "dump_folder of that run (default: the one in its TOML)")
     reference_step: int = _flag(-1, "checkpoint step of that run (-1 = latest)")
     mauve_buckets: str = _flag("auto", "MAUVE k-means buckets: an integer, or auto (= min(samples)/10)")
+    mauve_clusterings: int = _flag(10, "k-means seeds MAUVE is averaged over (generation/mauve the mean, "
+                                       "generation/mauve_std their spread)")
     mauve_features: str = _flag("reference", "MAUVE features: reference (the reference model's mean-pooled hidden "
                                               "states; offline) or a Hugging Face model name / local folder, e.g. "
                                               "gpt2-large (needs transformers and its weights)")
@@ -175,7 +178,7 @@ def check_options(opts: EvalOptions, seq_len: int) -> None:
         except ImportError:
             raise InputError(f"--eval.mauve_features {opts.mauve_features} featurizes with Hugging Face transformers: "
                              "pip install transformers (and give a local model folder to stay offline)") from None
-    for name in ("continuations", "new_tokens", "prompt_len", "batch_size"):
+    for name in ("continuations", "new_tokens", "prompt_len", "batch_size", "mauve_clusterings"):
         if getattr(opts, name) < 1:
             raise InputError(f"--eval.{name} must be >= 1, got {getattr(opts, name)}")
     if opts.prompts and opts.prompt_len + opts.new_tokens > seq_len:
@@ -213,10 +216,12 @@ def load_plain_model(model_config, step_dir: str, device):
     return model.eval()
 
 
-def load_run(dump_folder) -> tuple:
-    """(config, model, step folder) of a run that wrote its ``config.toml`` into ``dump_folder``: the latest
-    checkpoint's model, unsharded on the CPU (:func:`load_plain_model`)."""
-    config = load_toml(os.path.join(dump_folder, "config.toml"))
+def load_run(dump_folder, config_file=None) -> tuple:
+    """(config, model, step folder) of the run in ``dump_folder``, trained from ``config_file`` (default: the
+    ``config.toml`` the run wrote there): the latest checkpoint's model, unsharded on the CPU
+    (:func:`load_plain_model`)."""
+    config = load_toml(config_file or os.path.join(dump_folder, "config.toml"))
+    config.dump_folder = str(dump_folder)
     config.model_spec.model.update_from_config(config=config)
     step_dir = checkpoint_dir(str(dump_folder), config.checkpoint.folder, -1)
     return config, load_plain_model(config.model_spec.model, step_dir, torch.device("cpu")), step_dir
@@ -306,9 +311,9 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer, refere
     if opts.mauve_features != "reference":  # the paper's MAUVE: an HF model's features of prompt + continuation
         decode = lambda rows, ctx: [tokenizer.decode(c.tolist() + r.tolist()) for c, r in zip(ctx, rows)]  # noqa: E731
         p_text = decode(samples, prompts.repeat_interleave(opts.continuations, 0))
-        out["generation/mauve"] = mauve(hf_text_features(p_text, opts.mauve_features),
-                                        hf_text_features(decode(truth, prompts), opts.mauve_features),
-                                        num_buckets=buckets, seed=opts.seed)
+        out["generation/mauve"], out["generation/mauve_std"] = mauve_over_clusterings(
+            hf_text_features(p_text, opts.mauve_features), hf_text_features(decode(truth, prompts), opts.mauve_features),
+            clusterings=opts.mauve_clusterings, num_buckets=buckets, seed=opts.seed)
     if reference is None:
         return out
     sampled = reference_scores(reference, prompts.repeat_interleave(opts.continuations, 0), samples,
@@ -317,7 +322,8 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer, refere
     out["generation/gen_ppl"] = generative_perplexity(sampled.nll_sum, sampled.num_tokens)
     out["heldout/gen_ppl"] = generative_perplexity(heldout.nll_sum, heldout.num_tokens)
     if opts.mauve_features == "reference":
-        out["generation/mauve"] = mauve(sampled.features, heldout.features, num_buckets=buckets, seed=opts.seed)
+        out["generation/mauve"], out["generation/mauve_std"] = mauve_over_clusterings(
+            sampled.features, heldout.features, clusterings=opts.mauve_clusterings, num_buckets=buckets, seed=opts.seed)
     return out
 
 

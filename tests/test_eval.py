@@ -180,7 +180,8 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
         assert 0 < result[f"generation/distinct_{n}"] <= 1 and 0 < result[f"heldout/distinct_{n}"] <= 1
     assert result["generation/mean_length"] == 8 and result["generation/unigram_entropy"] > 0
     assert 1 < result["generation/gen_ppl"] < 4096 / 2 and 1 < result["heldout/gen_ppl"] < 4096 / 2
-    assert 0 < result["generation/mauve"] <= 1
+    assert 0 < result["generation/mauve"] <= 1 and 0 <= result["generation/mauve_std"] < 0.5
+    assert result["eval_options"]["mauve_clusterings"] == 10
     assert len(result["generation/examples"]) == 3 and result["eval_options"]["num_levels"] == 4
 
     # the unsharded copy the AR metrics run holds exactly the checkpoint's weights (titan's fused wqkv included)

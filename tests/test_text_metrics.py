@@ -10,6 +10,7 @@ from dblocks_titan.text_metrics import (
     distinct_n,
     generative_perplexity,
     mauve,
+    mauve_over_clusterings,
     sample_metrics,
     seq_rep_n,
     unigram_entropy,
@@ -129,3 +130,16 @@ def test_mauve_is_one_for_the_same_distribution_and_near_zero_for_unrelated_samp
     assert score(p, q) > 0.9  # two draws of one distribution
     assert score(p, unrelated) < 0.1
     assert score(p.numpy(), q.double()) == pytest.approx(score(p, q))  # arrays or tensors, any float dtype
+
+
+def test_mauve_over_clusterings_is_the_mean_and_spread_of_one_clustering_per_seed():
+    g = torch.Generator().manual_seed(1)
+    centers = 3 * torch.randn(6, 16, generator=g)
+    p, q = clouds(centers, 80, g), clouds(centers[:4], 80, g)  # q misses two of p's clusters
+    kw = dict(num_buckets=6, kmeans_num_redo=1, kmeans_max_iter=50)
+    singles = [mauve(p, q, seed=s, **kw) for s in (7, 8, 9)]
+    mean, std = mauve_over_clusterings(p, q, clusterings=3, seed=7, **kw)
+    assert mean == pytest.approx(sum(singles) / 3)
+    assert std == pytest.approx(float(torch.tensor(singles).std(correction=0)))
+    assert mauve_over_clusterings(p, q, clusterings=1, seed=7, **kw) == (pytest.approx(singles[0]), 0.0)
+    assert 0.1 < mean < 0.95  # the missing clusters show
