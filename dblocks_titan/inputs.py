@@ -339,6 +339,10 @@ def check_dblocks(config: Any, sources: Sources) -> None:
             raise sources.fail("dblocks.shared_grads", "group",
                                "'world' to checkpoint: 'group' trains B different copies of the shared modules, which "
                                "one checkpoint cannot hold")
+    if db.shared_reduce_dtype != "float32" and (db.parallel != "blocks" or db.shared_grads != "world"):
+        raise sources.fail("dblocks.shared_reduce_dtype", db.shared_reduce_dtype,
+                           "'float32' unless dblocks.parallel = 'blocks' with shared_grads = 'world' (it is the dtype "
+                           "of that mode's cross-group all-reduce; FSDP2's reductions stay titan's)")
     t_ranges = getattr(config.validator, "t_ranges", 0)
     if config.validator.enable and t_ranges % db.num_blocks:
         raise sources.fail("validator.t_ranges", t_ranges,

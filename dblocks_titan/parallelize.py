@@ -52,14 +52,15 @@ def shared_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parame
 
 
 @torch.no_grad()
-def average_over_group(tensors: list[torch.Tensor], group) -> None:
+def average_over_group(tensors: list[torch.Tensor], group, dtype: torch.dtype = torch.float32) -> None:
     """Replace every tensor by its mean over the ranks of ``group``, in ONE all-reduce: the tensors are
-    packed into one flat bucket (as FSDP2 packs a unit's gradients for its reduce-scatter), summed (gloo
-    has no AVG), divided by the group's size and unpacked. Every rank passes tensors of the same shapes
-    in the same order."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.all_reduce(flat, group=group)
+    packed into one flat bucket of ``dtype`` (as FSDP2 packs a unit's gradients for its reduce-scatter),
+    divided by the group's size, summed (gloo has no AVG) and unpacked. A narrower ``dtype`` than the
+    tensors' is torch's DDP compression hooks (``bf16_compress_hook``): divided before the sum, as there.
+    Every rank passes tensors of the same shapes in the same order, and gets the same result."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
     flat.div_(group.size())
+    torch.distributed.all_reduce(flat, group=group)
     torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
 
 

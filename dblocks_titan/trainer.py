@@ -102,6 +102,12 @@ class DBlocksConfig:
     """Block-parallel only. world (the paper's semantics: one set of shared modules trained by every
     block): shared-module gradients are reduced over all ranks each step. group: each group keeps
     its own shared modules (B independent models; cannot be checkpointed as one model)."""
+    shared_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Block-parallel, ``shared_grads = "world"`` only: the dtype of the cross-group all-reduce of the
+    shared-module gradients. bfloat16 halves the only bytes that cross the groups (torch's DDP
+    ``bf16_compress_hook``: cast, divide by B, sum, cast back; every group gets the same result, so the
+    shared modules stay identical). titan's own FSDP2 reduce-scatter stays fp32 (titan 0.3.0 accepts
+    only float32 for ``mixed_precision_reduce``)."""
     offload: OffloadMode = "none"
     """Sequential only. Where the state of the blocks that are not training lives
     (:mod:`dblocks_titan.offload`): none (on the device) | optimizer (their AdamW state in host
@@ -281,7 +287,8 @@ class DBlocksTrainer(Trainer):
            ``clip_grad_norm_`` at ``training.max_norm`` over the group: Ĝ_g = min(1, M/‖G_g‖)·G_g, exactly
            what a sequential step on block g with the group's batch and noise applies.
         3. ``shared_grads = "world"``: replace the shared part by its mean over the groups,
-           (1/B)·Σ_g Ĝ_g[shared], in one flat all-reduce (:func:`average_over_group`). ``group``: no
+           (1/B)·Σ_g Ĝ_g[shared], in one flat all-reduce (:func:`average_over_group`; in
+           ``dblocks.shared_reduce_dtype``). ``group``: no
            cross-group traffic; every group keeps its own shared modules.
 
         What is then equal, and what only in expectation (tested: ``tests/test_block_parallel.py``):
@@ -309,7 +316,8 @@ class DBlocksTrainer(Trainer):
         missing = [name for name, p in shared if p.grad is None]
         if missing:  # every group must send the same bucket
             raise RuntimeError(f"block {self.block}: shared parameters without a gradient: {missing}")
-        average_over_group([local_tensor(p.grad) for _, p in shared], self.parallel_dims.get_mesh("dp_replicate").get_group())
+        average_over_group([local_tensor(p.grad) for _, p in shared], self.parallel_dims.get_mesh("dp_replicate").get_group(),
+                           dtype=getattr(torch, self.config.dblocks.shared_reduce_dtype))
 
     # -- per-block logging -----------------------------------------------------------------
 

@@ -42,6 +42,9 @@ MODES = {
     "DB sequential, FSDP": ("debug_dblocks.toml", []),
     "DB block-parallel (shared_grads=world)": ("debug_dblocks.toml", ["--dblocks.parallel", "blocks"]),
 }
+BF16_REDUCE = "DB block-parallel (shared_grads=world, bf16 reduce)"
+COMM_MODES = {**MODES, BF16_REDUCE: ("debug_dblocks.toml", ["--dblocks.parallel", "blocks",
+                                                            "--dblocks.shared_reduce_dtype", "bfloat16"])}
 
 
 def run_mode(config: Path, extra: list[str], out: Path, nproc: int, env: dict | None = None) -> list[dict]:
@@ -116,7 +119,7 @@ def measure_comm(args, flavor: str, nproc: int, tmp: Path) -> dict:
     import bench_common as bc
 
     result = {}
-    for mode, (config, extra) in MODES.items():
+    for mode, (config, extra) in COMM_MODES.items():
         blocks = [] if "e2e" in mode else ["--dblocks.num_blocks", str(args.num_blocks)]
         out = tmp / f"comm_{flavor}_{nproc}_{len(result)}"
         reports = run_mode(flavored(config, flavor, tmp), blocks + extra, out, nproc, env={"DBLOCKS_COUNT_COMM": "1"})
@@ -143,7 +146,8 @@ def computed_comm(constants: dict, shape, *, world: int, num_blocks: int, mode: 
     """Bytes one rank sends per step (within a block group / across groups) and the shared-module bytes
     (fp32) it holds, for ``world`` ranks, from a mode's measured constants. e2e and sequential DB shard
     over the world (every collective spans the groups); block-parallel shards within its group of
-    W/B ranks and all-reduces its shard of the shared gradients (fp32) with the B−1 other groups.
+    W/B ranks and all-reduces its shard of the shared gradients (fp32; bf16 with ``bf16 reduce``) with the
+    B−1 other groups.
     Scalar collectives (losses, norms, token counts: < 1 KiB per step) are left out."""
     import bench_common as bc
 
@@ -156,12 +160,14 @@ def computed_comm(constants: dict, shape, *, world: int, num_blocks: int, mode: 
     group = world // num_blocks  # the group's FSDP2 units are sequential DB's (same apply_fsdp_to_decoder)
     within = bc.fsdp_bytes_sent(constants["sequential"], layer_params=layers, shared_params=shape.shared_numel,
                                 group_size=group, param_bytes=param_bytes, reduce_bytes=reduce_bytes)
-    bucket = constants["block-parallel"]["all_reduce/shared/across"] * shape.shared_numel / group * reduce_bytes
+    across_bytes = 2 if mode == BF16_REDUCE else reduce_bytes
+    bucket = constants["block-parallel"]["all_reduce/shared/across"] * shape.shared_numel / group * across_bytes
     return {"within": within, "across": bc.ring_bytes_sent("all_reduce", bucket, num_blocks),
             "shared_held": 4 * shape.shared_numel / group, "copies": num_blocks}
 
 
 def mode_key(mode: str) -> str:
+    """The mode's constants (payload elements, whatever their dtype: the bf16-reduce row's are block-parallel's)."""
     return "e2e" if "e2e" in mode else "block-parallel" if "block-parallel" in mode else "sequential"
 
 
@@ -171,11 +177,11 @@ def comm_main(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         measured = measure_comm(args, args.flavor, args.nproc, Path(tmp))
         check = measure_comm(args, "debugmodel", args.check_nproc, Path(tmp)) if args.check_nproc else {}
-    constants = {mode_key(m): v["constants"] for m, v in measured.items()}
+    constants = {mode_key(m): v["constants"] for m, v in measured.items() if m != BF16_REDUCE}
 
     def computed_rows(flavor, world, param_bytes):
         rows = {}
-        for mode in MODES:
+        for mode in COMM_MODES:
             rows[mode] = computed_comm(constants, comm_shape(mode, flavor, B), world=world, num_blocks=B, mode=mode,
                                        param_bytes=param_bytes)
         base = rows[next(iter(MODES))]["across"]  # titan e2e: everything it sends
@@ -220,8 +226,12 @@ def comm_main(args) -> None:
                                   f"{c.get('all_reduce/shared/across', 0):.3f}"] for k, c in constants.items()]), ""]
     # computed
     lines += [f"## Computed: {' and '.join(map(str, args.world))} ranks, B = {B}, from the measured constants (bf16 all-gathers, fp32 "
-              "reduce-scatters and cross-group all-reduce, fp32 master weights: the owt configs' mixed precision)", "",
-              f"Target (issue 12): block-parallel across-group bytes ≤ 0.1 × titan e2e's per rank.", ""]
+              "reduce-scatters and cross-group all-reduce (bf16 in the `bf16 reduce` rows: "
+              "`--dblocks.shared_reduce_dtype bfloat16`), fp32 master weights: the owt configs' mixed precision)", "",
+              f"Target (issue 12): block-parallel across-group bytes ≤ 0.1 × titan e2e's per rank. titan e2e "
+              "reduce-scatters its gradients in fp32 (titan 0.3.0 accepts only float32 for "
+              "`mixed_precision_reduce`): the fp32 rows compare like with like, the bf16-reduce rows halve DB's "
+              "cross-group payload alone.", ""]
     rows = []
     for (flavor, world), by_mode in computed.items():
         for mode, row in by_mode.items():

@@ -28,7 +28,7 @@ from pair_common import ROOT, sh
 RUNS = {"e2e Huginn": "debug_huginn", "DiffusionBlocks Huginn, B = 1": "debug_dblocks_huginn"}
 VALIDATE = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([\d.]+)")
 EVAL_KEYS = ("ce", "unigram_ce", "generation/distinct_2", "generation/seq_rep_2", "generation/unigram_entropy", "generation/gen_ppl",
-             "heldout/gen_ppl", "generation/mauve")
+             "heldout/gen_ppl", "generation/mauve", "generation/mauve_std")
 
 
 def validations(log: str) -> dict[int, float]:

@@ -99,6 +99,33 @@ def test_a_block_parallel_step_is_the_mean_of_the_sequential_steps_on_its_blocks
     assert any(not torch.equal(sequential[0][n], sequential[1][n]) for n in parallel[0] if not is_block_parameter(n))
 
 
+def test_bf16_shared_reduce_rounds_the_mean_once_and_keeps_the_groups_identical(tmp_path):
+    """``dblocks.shared_reduce_dtype = bfloat16``: in the first step (same init, batches and noise as the
+    fp32 run) the shared gradient is the fp32 mean (a + b)/2 rounded to bf16 numbers, bit-identical on both
+    groups: bf16(bf16(a/2) + bf16(b/2)) is within 3·2^-9·(|a| + |b|) of it elementwise (three roundings of
+    relative size 2^-8), so within 3·2^-8 in norm, a and b being clipped to ‖·‖ ≤ training.max_norm = 1; the
+    blocks' own gradients do not pass through the cast; the shared parameters stay identical."""
+    debug, fixed = "train_configs/debug_dblocks.toml", {"DBLOCKS_FIXED_BATCHES": "1"}
+    for dtype in ("float32", "bfloat16"):
+        run([*REPORT, str(tmp_path / dtype), debug, "1", "--validator.no-enable", *BLOCKS,
+             "--dblocks.shared_reduce_dtype", dtype], env=fixed)
+    fp32, bf16 = ([torch.load(tmp_path / d / f"grads{g}.pt") for g in (0, 1)] for d in ("float32", "bfloat16"))
+    is_block_parameter = whole_model().is_block_parameter
+    for g in (0, 1):
+        errors, exact_norms = [], []
+        for name, grad in bf16[g].items():
+            if is_block_parameter(name):
+                assert torch.equal(grad, fp32[g][name]), name
+                continue
+            assert torch.equal(grad, bf16[1 - g][name]) and torch.equal(grad, grad.bfloat16().float()), name
+            errors.append((grad - fp32[g][name]).norm())
+            exact_norms.append(fp32[g][name].norm())
+        error, exact = torch.stack(errors).norm(), torch.stack(exact_norms).norm()
+        assert 0 < error <= 3 * 2**-8 and error < 0.01 * exact, (error, exact)
+    shared0, shared1 = (torch.load(tmp_path / "bfloat16" / f"shared{r}.pt") for r in (0, 1))
+    assert all(torch.equal(shared0[n], shared1[n]) for n in shared0)
+
+
 def test_group_mode_keeps_one_set_of_shared_modules_per_group(tmp_path):
     run([*REPORT, str(tmp_path), "train_configs/debug_dblocks.toml", "4", *BLOCKS, "--dblocks.shared_grads", "group"])
     shared0, shared1 = (torch.load(tmp_path / f"shared{r}.pt") for r in (0, 1))
