@@ -122,11 +122,13 @@ def known_flags(config) -> list[str]:
 
 
 def _flag_of(argument) -> str:
-    """The flag of a tyro argument (tyro 1.0 ``ArgumentDefinition``), as typed by users."""
+    """The flag of a tyro argument (tyro 1.0 ``ArgumentDefinition``), as typed by users: with the config's
+    underscores (tyro displays ``--dblocks.shared-grads``, and accepts both)."""
     try:
-        return str(argument.display_name())
+        flag = str(argument.display_name())
     except Exception:  # another tyro version
         return str(argument)
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
 
 
 def _event_message(event, config) -> str | None:
