@@ -42,9 +42,9 @@ MODES = {
     "DB sequential, FSDP": ("debug_dblocks.toml", []),
     "DB block-parallel (shared_grads=world)": ("debug_dblocks.toml", ["--dblocks.parallel", "blocks"]),
 }
-BF16_REDUCE = "DB block-parallel (shared_grads=world, bf16 reduce)"
-COMM_MODES = {**MODES, BF16_REDUCE: ("debug_dblocks.toml", ["--dblocks.parallel", "blocks",
-                                                            "--dblocks.shared_reduce_dtype", "bfloat16"])}
+BLOCK_PARALLEL, BF16_REDUCE = "DB block-parallel (shared_grads=world)", "DB block-parallel (shared_grads=world, bf16 reduce)"
+COMM_MODES = {**MODES, BF16_REDUCE: (MODES[BLOCK_PARALLEL][0],
+                                     [*MODES[BLOCK_PARALLEL][1], "--dblocks.shared_reduce_dtype", "bfloat16"])}
 
 
 def run_mode(config: Path, extra: list[str], out: Path, nproc: int, env: dict | None = None) -> list[dict]:
