@@ -120,6 +120,33 @@ def patch_grouped_fsdp_units() -> None:
     titan_fsdp.fully_shard = fully_shard_each
 
 
+def patch_cpu_offload_without_accelerator() -> None:
+    """Let titan's ``--training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy``) run without an
+    accelerator (CPU tests and benchmarks; on CPU the "host" is the device, so nothing is saved, but
+    the same code runs and its copies can be counted).
+
+    Reasons: titan then asks c10d for the backend ``"cpu:gloo,cpu:gloo"`` (its device backend plus a
+    CPU one for the offloaded tensors' collectives: the same one here), which c10d rejects as a
+    duplicate device type; and titan's ``CPUOffloadPolicy()`` pins its host memory, which needs an
+    accelerator. Without one: no extra CPU backend, and unpinned host memory.
+    """
+    if torch.cuda.is_available() or not _once("cpu_offload"):
+        return
+    import functools
+
+    import torchtitan.distributed.fsdp as titan_fsdp
+    import torchtitan.distributed.utils as dist_utils
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    init_distributed = dist_utils.init_distributed
+
+    def init_without_cpu_backend(*args, enable_cpu_backend: bool = False, **kwargs):
+        return init_distributed(*args, **kwargs)
+
+    dist_utils.init_distributed = init_without_cpu_backend
+    titan_fsdp.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
+
+
 def patch_pg_timeouts() -> None:
     """Replace ``torchtitan.distributed.utils.set_pg_timeouts``.
 
@@ -211,4 +238,5 @@ def apply() -> None:
     patch_fsdp_mesh_dims()
     patch_grouped_fsdp_units()
     patch_pg_timeouts()
+    patch_cpu_offload_without_accelerator()
     patch_restart_store()

@@ -317,6 +317,10 @@ def check_dblocks(config: Any, sources: Sources) -> None:
                                "block, which trains at every step")
         logger.warning("dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'")
         db.offload, db.offload_optimizer = "optimizer", False
+    if config.training.enable_cpu_offload and db.offload != "none":
+        raise sources.fail("dblocks.offload", db.offload,
+                           "'none' with training.enable_cpu_offload: titan's CPU offload already keeps every block's "
+                           "parameters, gradients and AdamW state on the host (choose one of the two)")
     check_model = getattr(getattr(config.model_spec, "model", None), "check_dblocks", None)
     if check_model is not None:  # a model's own rule, e.g. dblocks_huginn: B = 1
         try:

@@ -112,7 +112,11 @@ class DBlocksConfig:
     """Sequential only. Where the state of the blocks that are not training lives
     (:mod:`dblocks_titan.offload`): none (on the device) | optimizer (their AdamW state in host
     memory) | block (their parameters' local shards and AdamW state in host memory; the step's block
-    is copied in, the next one prefetched)."""
+    is copied in, the next one prefetched; its AdamW steps on the device). The other way to keep the
+    blocks on the host is titan's own ``training.enable_cpu_offload`` (FSDP2's CPUOffloadPolicy, with
+    ``offload = "none"``): every parameter, gradient and AdamW state on the host, AdamW stepping there;
+    a step copies in only what runs (the shared modules and the step's block, at their all-gathers) and
+    copies out their gradients, at EVERY step, but no AdamW state ever moves."""
     prefetch: Prefetch = "after_step"
     """offload only. When the next block's state is copied in: after_step (after the optimizer step, in
     the place of the trained block's: the device peak is one block) | step_start (at the step's start:

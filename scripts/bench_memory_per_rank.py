@@ -69,7 +69,9 @@ class Row:
 
     @property
     def mode(self) -> str:
-        return ("e2e_cpu_offload" if self.cpu_offload else "e2e") if self.kind == "e2e" else self.offload
+        if self.cpu_offload:
+            return f"{self.kind}_cpu_offload"
+        return "e2e" if self.kind == "e2e" else self.offload
 
     @property
     def config(self) -> str:
@@ -78,7 +80,11 @@ class Row:
 
 
 def db(family, b, offload="block", ac="none", **kw):
-    name = f"DB {'AR' if family == 'ar' else 'MDLM'} B={b}, offload={offload}" + (", AC full" if ac == "full" else "")
+    """A DB row; ``cpu_offload=True``: titan's CPU offload over the DB model (``offload`` none)."""
+    if kw.get("cpu_offload"):
+        offload = "none"
+    how = "titan CPU offload" if kw.get("cpu_offload") else f"offload={offload}"
+    name = f"DB {'AR' if family == 'ar' else 'MDLM'} B={b}, {how}" + (", AC full" if ac == "full" else "")
     if kw.get("prefetch") == "step_start":
         name += ", prefetch=step_start"
     return Row(name, family, "db", b, offload, ac, **kw)
@@ -94,6 +100,7 @@ MEASURED = [
     Row("e2e MDLM, FSDP, no AC", "mdlm", "e2e", flavor="owt"),
     Row("e2e MDLM, FSDP, full AC", "mdlm", "e2e", ac="full", flavor="owt"),
     db("mdlm", 4, flavor="owt"), db("mdlm", 4, ac="full", flavor="owt"), db("mdlm", 2, flavor="owt"),
+    db("ar", 4, cpu_offload=True), db("mdlm", 4, cpu_offload=True, flavor="owt"),
 ]
 CHECK_1B = Row("DB AR B=4, offload=block, 1B layers (4) with a 32768 vocabulary", "ar", "db", 4, "block", flavor="1B",
                n_layers=4, vocab_size=32768)  # 128256 tokens: the shared modules alone overflow this machine
@@ -209,7 +216,7 @@ def constants_of(measured: dict[Row, dict]) -> dict[tuple, mm.Constants]:
     base = next(v for r, v in measured.items() if r.name.startswith("titan e2e llama3, FSDP, no AC"))
     b0, numel = base["ranks"][0], base["param_numel_local"]
     state = dict(param_bytes=b0["params"] / numel, grad_bytes=b0["grads"] / numel, adamw_bytes=b0["adamw"] / numel)
-    offload = next((v for r, v in measured.items() if r.cpu_offload), None)
+    offload = next((v for r, v in measured.items() if r.cpu_offload and r.kind == "e2e"), None)
     if offload is not None:
         state.update(offload_h2d_per_param=offload["ranks"][0]["h2d"] / numel,
                      offload_d2h_per_param=offload["ranks"][0]["d2h"] / numel)
@@ -234,7 +241,7 @@ def constants_of(measured: dict[Row, dict]) -> dict[tuple, mm.Constants]:
 
 
 def constants_for(constants: dict, row: Row) -> mm.Constants:
-    return constants[row.family, row.kind, "none" if row.cpu_offload else row.ac]
+    return constants[row.family, row.kind, row.ac]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,12 +299,15 @@ def family_shape(family: str, kind: str, dim: int, adaln: str = "per_layer") -> 
 
 E2E_ROWS = [Row("titan e2e llama3, FSDP, no AC", "ar", "e2e"), Row("titan e2e llama3, FSDP, selective AC", "ar", "e2e", ac="selective"),
             Row("titan e2e llama3, FSDP, full AC", "ar", "e2e", ac="full"),
-            Row("titan e2e llama3, FSDP + CPU offload", "ar", "e2e", cpu_offload=True)]
+            Row("titan e2e llama3, FSDP + CPU offload", "ar", "e2e", cpu_offload=True),
+            Row("titan e2e llama3, FSDP + CPU offload, full AC", "ar", "e2e", ac="full", cpu_offload=True)]
 COMPUTED = [*E2E_ROWS,
             *(db("ar", b, o, ac) for b in (2, 4, 8) for o in mm.DB_MODES for ac in ("none", "full")),
             db("ar", 4, prefetch="step_start"),
+            *(db("ar", b, ac=ac, cpu_offload=True) for b in (4, 8) for ac in ("none", "full")),
             Row("e2e MDLM, FSDP, no AC", "mdlm", "e2e"), Row("e2e MDLM, FSDP, full AC", "mdlm", "e2e", ac="full"),
-            *(db("mdlm", b, "block", ac) for b in (4, 8) for ac in ("none", "full"))]
+            *(db("mdlm", b, "block", ac) for b in (4, 8) for ac in ("none", "full")),
+            db("mdlm", 4, cpu_offload=True)]
 
 
 def computed_row(row: Row, shape: mm.Shape, constants: dict, s: mm.Setting) -> dict:
@@ -453,19 +463,20 @@ def main() -> None:
     mdlm_ratio = mdlm_best["total"] / c8("e2e MDLM, FSDP, no AC")["total"]
     targets.append(f"- 8B, DB MDLM B = 4, offload = block (best AC) / e2e MDLM no AC: **{mdlm_ratio:.3f}** (target ≤ 0.35): "
                    f"{verdict(mdlm_ratio <= 0.35)}.")
-    for row in (r for r in measured if r.kind == "db" and r.offload == "block"):
+    for row in (r for r in measured if r.kind == "db" and (r.offload == "block" or r.cpu_offload)):
         b = with_ideal(row, measured[row]["ranks"][0])
         ratio = b["total"] / b["ideal"]
         targets.append(f"- measured {row.name}: device / ideal = {ratio:.3f} (target ≤ 1.10): {verdict(ratio <= 1.10)}.")
     cpu = m_by_name.get("titan e2e llama3, FSDP + CPU offload")
     moved_lines = []
     if cpu:
-        for row in (r for r in measured if r.kind == "db" and r.offload == "block" and r.flavor != "1B"):
+        for row in (r for r in measured if r.kind == "db" and (r.offload == "block" or r.cpu_offload) and r.flavor != "1B"):
             b, shape = measured[row]["ranks"][0], measured[row]["shape"]
             dbm, tm = b["h2d"] + b["d2h"], cpu["h2d"] + cpu["d2h"]
             share = shape.shared_numel / shape.numel
             bound = 1 / row.num_blocks + share
-            moved_lines.append(f"- measured {row.name}: host↔device bytes per switching step {dbm / MIB:,.1f} MiB vs titan "
+            when = "per step (at every step)" if row.cpu_offload else "per switching step"
+            moved_lines.append(f"- measured {row.name}: host↔device bytes {when} {dbm / MIB:,.1f} MiB vs titan "
                                f"CPU offload {tm / MIB:,.1f} MiB = **{dbm / tm:.3f}** (target ≤ 1/B + shared share = "
                                f"{1 / row.num_blocks:.3f} + {share:.3f} = {bound:.3f}): {verdict(dbm / tm <= bound)}.")
 
@@ -483,6 +494,16 @@ def main() -> None:
                            f"happen at every step): **{mean:.3f}**: {verdict(mean <= bound)}. DB moves a block's "
                            f"parameters AND AdamW state (12 bytes per parameter each way), titan's offload its "
                            f"parameters in at each all-gather and its gradients out (its AdamW runs on the host).")
+    for b in (4, 8):
+        d8 = c8(db("ar", b, cpu_offload=True).name)
+        ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
+        shape = shapes["8B", "ar", "db"]
+        bound = 1 / b + shape.shared_numel / shape.numel
+        moved_lines.append(f"- computed 8B, DB AR B = {b} with titan's CPU offload / titan e2e CPU offload, host↔device "
+                           f"bytes per step, at every step: {(d8['h2d'] + d8['d2h']) / GIB:,.2f} / "
+                           f"{(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = **{ratio:.3f}** (target ≤ {bound:.3f}): "
+                           f"{verdict(ratio <= bound)}. Only what runs moves: the shared modules and the step's block "
+                           f"(parameters in, gradients out); the AdamW state stays on the host and steps there.")
 
     # 5. largest model per 80 GiB
     dims = range(1024, 32768 + 1, 1024)  # heads of 128 in groups of 8 KV heads: d a multiple of 1024
@@ -498,11 +519,13 @@ def main() -> None:
 
     largest = {
         "titan e2e FSDP (best AC)": fit(E2E_ROWS[:3]),
-        "titan e2e FSDP + CPU offload (device bytes only)": fit(E2E_ROWS[3:]),
+        "titan e2e FSDP + CPU offload (best AC, device bytes only)": fit(E2E_ROWS[3:]),
         "DB AR B=4, offload=block (best AC)": fit([db("ar", 4, "block", ac) for ac in ("none", "full")], kind="db"),
         "DB AR B=8, offload=block (best AC)": fit([db("ar", 8, "block", ac) for ac in ("none", "full")], kind="db"),
         "DB AR B=4, offload=block, adaln=single (best AC)": fit([db("ar", 4, "block", ac) for ac in ("none", "full")],
                                                                 kind="db", adaln="single"),
+        "DB AR B=4, titan CPU offload (best AC, device bytes only)": fit(
+            [db("ar", 4, ac=ac, cpu_offload=True) for ac in ("none", "full")], kind="db"),
     }
     largest_rows = []
     for name, found in largest.items():
@@ -525,7 +548,8 @@ def main() -> None:
         cells = [name]
         for rows_, kind in ((E2E_ROWS[:3], "e2e"), (E2E_ROWS[3:], "e2e"),
                             ([db("ar", 4, "block", ac) for ac in ("none", "full")], "db"),
-                            ([db("ar", 8, "block", ac) for ac in ("none", "full")], "db")):
+                            ([db("ar", 8, "block", ac) for ac in ("none", "full")], "db"),
+                            ([db("ar", 4, ac=ac, cpu_offload=True) for ac in ("none", "full")], "db")):
             fields = dict(dim=dim, n_heads=dim // 128, n_kv_heads=8, vocab_size=mm.VOCAB, **mm.FAMILY_FFN)
             shape = meta_shape("ar", kind, fields, n_layers)
             total = min(computed_row(r, shape, constants, TARGET)["total"] for r in rows_)
@@ -554,7 +578,9 @@ def write_report(args, v: dict) -> None:
            "**ideal** (DB rows): the shared modules + L/B layers with their gradients and AdamW state, + the row's own "
            "activations and unsharded units. **h2d / d2h per step**: DB: what a switching step writes back (the trained "
            "block) and brings in (the next block's parameters after the step, its AdamW state during its own step); titan "
-           "CPU offload: every shard its all-gathers copy in, every gradient shard its reduce-scatters copy out. The 125M "
+           "CPU offload (also over a DB model, `--training.enable_cpu_offload` with `offload = none`: only the shared "
+           "modules and the step's block run, so only they move): every shard its all-gathers copy in, every gradient "
+           "shard its reduce-scatters copy out, at every step. The 125M "
            "flavor has 12 layers: B = 8 does not divide them, so the measured rows take B = 2, 4, 6 (B = 8 is computed "
            "for 1B and 8B below). MDLM rows: the `owt` masked-diffusion flavor (12 × 768, vocabulary 50304).", "",
            bytes_table(v["m_rows"], MIB, ref), "",
@@ -602,7 +628,8 @@ def write_report(args, v: dict) -> None:
            bc.markdown_table(["setting", "parameters", "d", "layers", "FFN", "AC", "device GiB per rank"],
                              v["largest_rows"]), "",
            "Llama 3's own shapes, device GiB per rank (✓: fits 80 GiB):", "",
-           bc.markdown_table(["model", "titan e2e (best AC)", "titan e2e + CPU offload", "DB B=4, block", "DB B=8, block"],
+           bc.markdown_table(["model", "titan e2e (best AC)", "titan e2e + CPU offload (best AC)", "DB B=4, block",
+                              "DB B=8, block", "DB B=4 + titan CPU offload"],
                              v["discrete"]), "",
            "## Targets (issue 12)", "", *v["targets"], *v["moved_lines"], "",
            "![8B per rank](memory_per_rank.png)", "", "![125M measured](memory_per_rank_125M.png)", ""]

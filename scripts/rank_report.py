@@ -47,25 +47,6 @@ def resident(p: torch.Tensor) -> bool:
     return local_tensor(p).untyped_storage().nbytes() > 0 or local_tensor(p).numel() == 0
 
 
-def allow_cpu_offload_without_accelerator() -> None:
-    """Bench-only: let titan's ``--training.enable_cpu_offload`` (FSDP2 ``CPUOffloadPolicy``) run on a
-    machine without an accelerator, so that its bytes can be counted on CPU. Reasons: titan asks for the
-    backend ``"cpu:gloo,cpu:gloo"`` (its device backend plus a CPU one: the same here), which c10d
-    rejects as a duplicate; and the policy pins its host memory, which needs an accelerator."""
-    import functools
-
-    import torchtitan.distributed.fsdp as titan_fsdp
-    from torch.distributed.fsdp import CPUOffloadPolicy
-
-    init = torch.distributed.init_process_group
-
-    def init_process_group(*args, backend=None, **kwargs):
-        return init(*args, backend="gloo" if backend == "cpu:gloo,cpu:gloo" else backend, **kwargs)
-
-    torch.distributed.init_process_group = init_process_group
-    titan_fsdp.CPUOffloadPolicy = functools.partial(CPUOffloadPolicy, pin_memory=False)
-
-
 def measure_memory(trainer, step_fn) -> dict:
     """One step under the byte counters: the activation bytes autograd saves (peak, by module tag;
     ``bench_common.SavedTensorAccountant``, FSDP2's unsharded parameters excluded), the peak of FSDP2's
@@ -115,9 +96,6 @@ def main() -> None:
     from dblocks_titan.toml_config import TomlConfigManager
 
     init_logger()
-    if "--training.enable_cpu_offload" in overrides and not torch.cuda.is_available():
-        allow_cpu_offload_without_accelerator()
-
     config = TomlConfigManager().parse_args(
         ["--job.config_file", config_file, "--dump_folder", out, "--training.steps", str(steps), *overrides]
     )

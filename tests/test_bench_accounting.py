@@ -324,6 +324,14 @@ def test_device_host_and_moved_bytes_by_hand():
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2, steps_per_block=4)["h2d"] == 300
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload") == {"h2d": 8 * 450 / 2, "d2h": 4 * 450 / 2}
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="none", num_blocks=2) == {"h2d": 0, "d2h": 0}
+    # titan's CPU offload over a DB model, B = 2: nothing of the state on the device, one block's activations;
+    # every shard on the host; per step the shared 50 + one block of 200 parameters move (of 450)
+    db_cpu = mm.device_bytes(SHAPE, CONST, SETTING, mode="db_cpu_offload", num_blocks=2)
+    assert db_cpu == {"params": 0, "grads": 0, "adamw": 0, "activations": act, "unsharded": unsharded,
+                      "total": act + unsharded}
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="db_cpu_offload", num_blocks=2) == 16 * 450 / 2
+    assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="db_cpu_offload", num_blocks=2) == {"h2d": 8 * 250 / 2,
+                                                                                        "d2h": 4 * 250 / 2}
 
 
 def test_llama3_family_passes_through_the_llama3_depths():

@@ -2,7 +2,7 @@
 
 A toy model checks the store's mechanism in-process (CPU; the same test on CUDA, with the side-stream
 prefetch, is marked ``gpu``); real training runs (one process, 2 FSDP2 ranks over gloo) check identical
-per-step losses for offload = none / optimizer / block, exact resume (also in the middle of a
+per-step losses for offload = none / optimizer / block and titan's CPU offload, exact resume (also in the middle of a
 ``steps_per_block`` run, and across offload modes), the eval command, activation checkpointing,
 asynchronous checkpoints and what stays on the device.
 """
@@ -25,6 +25,7 @@ CONFIG = "train_configs/debug_dblocks.toml"
 TRAIN = ["-m", "dblocks_titan.train", "--job.config_file", CONFIG, "--metrics.log_freq", "1"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "6", "--validator.freq", "6"]
 MODES = ("none", "optimizer", "block")
+CPU_OFFLOAD = ["--training.enable_cpu_offload"]  # titan's FSDP2 CPUOffloadPolicy (compat: also without an accelerator)
 
 
 # -- the store on a toy model -------------------------------------------------------------------
@@ -260,16 +261,21 @@ def debug_block_param_bytes() -> int:
 
 def test_two_fsdp_ranks_train_identically_with_offload_block(tmp_path):
     """2 FSDP2 ranks (gloo), 8 steps (blocks 0 3 1 0 3 3 3 3), a checkpoint and a validation at step 4:
-    offload = block gives the resident run's losses on both ranks exactly and a checkpoint with the same
-    keys; each rank holds one block's local shards (half its bytes) between steps."""
+    offload = block, and titan's CPU offload (``--training.enable_cpu_offload``), give the resident run's
+    losses on both ranks exactly and a checkpoint with the same keys; with offload = block each rank holds
+    one block's local shards (half its bytes) between steps."""
     common = ["--training.steps", "8", "--checkpoint.enable", "--checkpoint.interval", "4", "--validator.freq", "4"]
     run([*TORCHRUN, *TRAIN, *common, "--dump_folder", str(tmp_path / "none")])
     reports = probe(TORCHRUN, tmp_path / "block", *common, "--dblocks.offload", "block")
+    out = run([*TORCHRUN, *TRAIN, *common, *CPU_OFFLOAD, "--dump_folder", str(tmp_path / "cpu_offload")])
+    assert "Applied CPU Offloading to the model" in out
     for rank in (0, 1):
         assert trace(tmp_path / "block", rank) == trace(tmp_path / "none", rank)
+        assert trace(tmp_path / "cpu_offload", rank) == trace(tmp_path / "none", rank)
     assert [r["block"] for r in trace(tmp_path / "none", 0)] == [0, 3, 1, 0, 3, 3, 3, 3]
-    assert checkpoint_keys(tmp_path / "block" / "checkpoint" / "step-4") == checkpoint_keys(
-        tmp_path / "none" / "checkpoint" / "step-4")
+    keys = checkpoint_keys(tmp_path / "none" / "checkpoint" / "step-4")
+    for mode in ("block", "cpu_offload"):
+        assert checkpoint_keys(tmp_path / mode / "checkpoint" / "step-4") == keys
     for report in reports:
         check_one_block_resident(report, io_steps={1, 4})
         assert report["block_bytes"]["params"] == debug_block_param_bytes() // 2
@@ -294,6 +300,29 @@ def test_eval_reads_a_checkpoint_trained_with_offload_block(one_process):
     result = json.loads((one_process / "block" / "checkpoint" / "eval_step12.json").read_text())
     assert "wrote" in out and result["step"] == 12
     assert result["validation_metrics/loss"] == validation_losses(one_process / "none")[12]
+
+
+def test_titan_cpu_offload_trains_resumes_and_evaluates_like_the_resident_model(one_process, tmp_path):
+    """titan's own CPU offload over a DB model (``--training.enable_cpu_offload``: every block's parameters,
+    gradients and AdamW state on the host, AdamW stepping there; ``dblocks.offload`` stays none), one
+    process: the resident run's 12 losses, validations and checkpoint keys exactly; its step-6 checkpoint,
+    resumed without offload, repeats the resident run's steps 7..12; and the eval command with CPU offload
+    on reads its step-12 checkpoint to the CE the resident run validated at step 12."""
+    folder = tmp_path / "cpu_offload"
+    out = run([PY, *TRAIN, "--training.steps", "12", *CKPT, *CPU_OFFLOAD, "--dump_folder", str(folder)])
+    assert "Applied CPU Offloading to the model" in out
+    assert trace(folder, 0) == trace(one_process / "none", 0)
+    assert validation_losses(folder) == validation_losses(one_process / "none")
+    assert checkpoint_keys(folder / "checkpoint" / "step-6") == checkpoint_keys(one_process / "none" / "checkpoint" / "step-6")
+    out = run([PY, "-m", "dblocks_titan.eval", "--job.config_file", CONFIG, "--dump_folder", str(folder), *CPU_OFFLOAD,
+               "--validator.steps", "1", "--eval.prompts", "0"])
+    result = json.loads((folder / "checkpoint" / "eval_step12.json").read_text())
+    assert result["step"] == 12 and result["validation_metrics/loss"] == validation_losses(one_process / "none")[12]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(folder / "checkpoint", resumed / "checkpoint")
+    shutil.rmtree(resumed / "checkpoint" / "step-12")
+    out = run([PY, *TRAIN, "--training.steps", "12", *CKPT, "--dump_folder", str(resumed)])
+    assert "Training starts at step 7" in out and trace(resumed, 0) == trace(one_process / "none", 0)[6:]
 
 
 def test_resume_in_the_middle_of_a_steps_per_block_run(tmp_path):
@@ -361,6 +390,17 @@ def test_bad_offload_settings_are_one_line_errors(tmp_path, table, error):
     with pytest.raises(InputError) as e:
         TomlConfigManager().parse_args(["--job.config_file", str(path)])
     assert str(e.value).startswith(f"{path}: {error}") and "\n" not in str(e.value)
+
+
+def test_offload_with_titan_cpu_offload_is_a_one_line_error(tmp_path):
+    from dblocks_titan.toml_config import InputError, TomlConfigManager
+
+    path = debug_config_with(tmp_path, "offload = 'block'")
+    with pytest.raises(InputError) as e:
+        TomlConfigManager().parse_args(["--job.config_file", str(path), *CPU_OFFLOAD])
+    assert str(e.value) == (f"{path}: dblocks.offload = 'block': must be 'none' with training.enable_cpu_offload: "
+                            "titan's CPU offload already keeps every block's parameters, gradients and AdamW state on "
+                            "the host (choose one of the two)")
 
 
 def test_offload_optimizer_is_a_deprecated_alias(tmp_path, caplog):
