@@ -13,6 +13,7 @@ import os
 import dblocks_titan  # noqa: F401  (applies the compat patches before titan is imported)
 import torchtitan.train as titan_train
 
+from dblocks_titan import compat
 from dblocks_titan.errors import reported
 from dblocks_titan.toml_config import TomlConfigManager
 
@@ -36,6 +37,7 @@ def main() -> None:
     titan_train.ConfigManager = TomlConfigManager
     with reported("dblocks_titan"):
         titan_train.main()
+    compat.exit_after_distributed_run()
 
 
 if __name__ == "__main__":

@@ -267,3 +267,19 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
         whole, killed = trace(tmp_path / "whole", r), trace(tmp_path / "killed", r)
         assert [x["step"] for x in whole] == list(range(1, 9))
         assert {x["step"]: x["loss"] for x in killed} == {x["step"]: x["loss"] for x in whole}
+
+
+@pytest.mark.parametrize("world_size, teardown_runs", [("2", False), ("1", True)])
+def test_a_finished_distributed_run_exits_before_the_interpreter_teardown(world_size, teardown_runs):
+    """``compat.exit_after_distributed_run`` (called when ``dblocks_titan.train`` has finished): with
+    WORLD_SIZE > 1 the process exits 0 with its log line and output flushed, and no interpreter teardown
+    (an atexit handler never runs: gloo's teardown race lives there); one process returns normally."""
+    script = ("import atexit, logging, sys; from dblocks_titan import compat; "
+              "atexit.register(lambda: print('teardown ran')); logging.basicConfig(level=logging.INFO); "
+              "logging.info('logged before the exit'); print('printed before the exit', end=''); "
+              "compat.exit_after_distributed_run(); print(' returned')")
+    proc = subprocess.run([PY, "-c", script], cwd=ROOT, env={**ENV, "WORLD_SIZE": world_size}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "logged before the exit" in proc.stderr
+    assert proc.stdout.startswith("printed before the exit")
+    assert ("teardown ran" in proc.stdout) == teardown_runs and (" returned" in proc.stdout) == teardown_runs
