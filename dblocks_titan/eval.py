@@ -91,7 +91,7 @@ BASELINES = ("llama3", "huginn")  # next-token models: no σ levels, no bridge
 DB_AR = (DBlocksLlama, DBlocksHuginn)  # AR DiffusionBlocks models: CE per σ level, the σ-grid sampler
 PROBE_TEXT = "The quick brown fox, 1234 jumps over the lazy dog!"  # tokenizer identity check
 NUM_EXAMPLES = 3  # decoded samples kept in the JSON
-DB_ONLY = ("bridge", "num_levels", "grid", "solver", "bridge_temperature", "sampler_samples", "ce_draws")
+DB_ONLY = ("bridge", "num_levels", "grid", "solver", "stop_level", "bridge_temperature", "sampler_samples", "ce_draws")
 """--eval.* options of the DiffusionBlocks sampler and scores."""
 
 
@@ -115,6 +115,8 @@ class EvalOptions:
     num_levels: int = _flag(0, "σ levels of the CE-per-level grid and of the DiffusionBlocks sampler (0 = num_blocks)")
     grid: str = _flag("q", "σ grid of the DiffusionBlocks sampler: q (uniform in the training mass) | karras (ρ = 7)")
     solver: str = _flag("euler", "DiffusionBlocks sampler's step: euler | heun (ODE) | ancestral (x0 + fresh noise at the next level)")
+    stop_level: int = _flag(-1, "DiffusionBlocks sampler's level whose logits give the token: the chain stops there "
+                                "(0 = block 0 at σ_max; -1 = the last level)")
     sampler_samples: str = _flag("1,4,16", "S of the sampler CE −log mean_s p_s(x) (comma-separated; two seeds each)")
     ce_draws: int = _flag(5, "noise draws of the CE at σ_max (mean and std reported)")
     seed: int = _flag(0, "seed of the evaluation noise, the σ draws and the sampling")
@@ -164,7 +166,11 @@ def resolve_options(config, opts: EvalOptions) -> EvalOptions:
                              "baseline samples each next token directly")
         return opts
     default = getattr(config.model_spec.model, "sampler_levels", config.dblocks.num_blocks)
-    return replace(opts, num_levels=opts.num_levels or default)
+    opts = replace(opts, num_levels=opts.num_levels or default)
+    if not -1 <= opts.stop_level < opts.num_levels:
+        raise InputError(f"--eval.stop_level must be -1 (the last level) or a level 0..{opts.num_levels - 1} of the "
+                         f"chain's {opts.num_levels} levels, got {opts.stop_level}")
+    return opts
 
 
 def check_options(opts: EvalOptions, seq_len: int) -> None:
@@ -330,7 +336,8 @@ def generation_metrics(model, plan: ARPlan, opts: EvalOptions, tokenizer, refere
 def chain(opts: EvalOptions) -> Chain:
     """The DiffusionBlocks sampler's chain of the options."""
     return Chain(num_levels=opts.num_levels, grid=opts.grid, bridge=opts.bridge,
-                 bridge_temperature=opts.bridge_temperature, solver=opts.solver)
+                 bridge_temperature=opts.bridge_temperature, solver=opts.solver,
+                 stop_level=None if opts.stop_level < 0 else opts.stop_level)
 
 
 def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: EvalOptions) -> dict:

@@ -36,6 +36,9 @@ class Chain:
     x drawn from softmax(logits/``bridge_temperature``)) gives x̂0; ``solver``: ``euler``, ``heun`` (EDM's
     second-order step, twice the block calls) or ``ancestral`` (z ← x̂0 + σ_next·ε with fresh ε: every
     level sees a clean embedding noised at its own σ, the states the blocks were trained on).
+    ``stop_level`` j (None: the last, N − 1): the chain stops at level j of the N-level grid and level j's
+    logits give the token; the levels below σ^(j) (and their blocks) are not run. j = 0 draws the token
+    from block 0's next-token distribution at σ_max.
     """
 
     num_levels: int | None = None
@@ -44,6 +47,7 @@ class Chain:
     bridge: Bridge = "soft"
     bridge_temperature: float = 1.0
     solver: Solver = "euler"
+    stop_level: int | None = None
 
     def __post_init__(self):
         for key, allowed in (("grid", GRIDS), ("bridge", BRIDGES), ("solver", SOLVERS)):
@@ -53,11 +57,17 @@ class Chain:
             raise ValueError(f"num_levels must be >= 1, got {self.num_levels}.")
         if not self.bridge_temperature > 0:
             raise ValueError(f"bridge_temperature must be > 0, got {self.bridge_temperature}.")
+        if self.stop_level is not None and self.stop_level < 0:
+            raise ValueError(f"stop_level must be >= 0, got {self.stop_level}.")
 
     def levels(self, model: DBlocksLlama | DBlocksHuginn) -> tuple[list[float], list[int]]:
-        """(σ of each level, descending; the block that runs it)."""
+        """(σ of each level that runs, descending; the block that runs it)."""
         default = model.config.sampler_levels if isinstance(model, DBlocksHuginn) else model.num_blocks
-        sigmas = inference_sigmas(self.num_levels or default, model.edm, self.grid, self.rho)
+        num_levels = self.num_levels or default
+        if self.stop_level is not None and self.stop_level >= num_levels:
+            raise ValueError(f"stop_level must be < the chain's {num_levels} levels, got {self.stop_level}.")
+        last = num_levels - 1 if self.stop_level is None else self.stop_level
+        sigmas = inference_sigmas(num_levels, model.edm, self.grid, self.rho)[: last + 1]
         return sigmas.tolist(), sigma_to_block(sigmas, model.num_blocks, model.edm).tolist()
 
 

@@ -6,7 +6,8 @@ item 5), written to results/ar_sampler.md (+ .json).
 
 For every chain of ``CHAINS`` (the default, then one option changed at a time: levels N = 1, B, 2B,
 4B; σ grid q | karras (ρ = 7); bridge soft | hard | soft at temperature T; solver euler | heun; and the
-ancestral chain: a token drawn at each level, its embedding noised afresh to the next σ), on
+ancestral chain: a token drawn at each level, its embedding noised afresh to the next σ; the chain
+stopped at an earlier level, whose logits give the token), on
 the first ``--batches`` held-out batches:
 
 - sampler CE CE_S = −log((1/S) Σ_s p_s(x)) for S = 1, 4, 16 (teacher-forced, two seeds;
@@ -59,6 +60,10 @@ def chains(num_blocks: int) -> dict[str, Chain]:
         "ancestral (a token drawn, noised afresh)": Chain(bridge="sample", solver="ancestral"),
         f"ancestral, N = 2B = {2 * B}": Chain(bridge="sample", solver="ancestral", num_levels=2 * B),
         "ancestral, soft bridge": Chain(solver="ancestral"),
+        "stopped at level 1 (N = B: blocks 0-1)": Chain(stop_level=1),
+        "stopped at level 2 (N = B: blocks 0-2)": Chain(stop_level=2),
+        f"N = 4B = {4 * B}, stopped at level {B - 1} (block 0 only)": Chain(num_levels=4 * B, stop_level=B - 1),
+        f"N = 4B = {4 * B}, stopped at level {2 * B - 1} (blocks 0-1)": Chain(num_levels=4 * B, stop_level=2 * B - 1),
     }
 
 
@@ -73,9 +78,10 @@ def sample_scores(model, reference, prompts: torch.Tensor, seed: int, **kwargs) 
 
 def write_report(out: dict, args, path: Path) -> None:
     u = out["unigram_ce"]
+    made = "; then ".join(f"`{c['command']}` ({c['chains']}, {c['date']})" for c in out["commands"])
     lines = ["# AR DiffusionBlocks sampler options", "",
-             f"Made by `python scripts/ar_sampler.py {' '.join(sys.argv[1:])}` on {os.cpu_count()} CPU cores "
-             f"({time.strftime('%Y-%m-%d')}). Model: `{args.dump}` ({out['step']}); samples scored by the titan "
+             f"Made by {made}, each on {os.cpu_count()} CPU cores (an `--only` run adds its chains to the same "
+             f"results). Model: `{args.dump}` ({out['step']}); samples scored by the titan "
              f"twin `{args.reference}` ({out['reference_step']}). {args.batches} held-out batches for the CE; "
              f"{args.prompts} held-out prompts of {PROMPT_LEN} tokens, one {NEW_TOKENS}-token continuation each "
              "at temperature 1.", "",
@@ -132,8 +138,12 @@ def main() -> None:
                        **text_metrics.sample_metrics(truth)},
            "reference_samples": sample_scores(reference, reference, prompts, seed=0), "chains": {}}
     saved = args.results.with_suffix(".json")
+    out["commands"] = []
     if args.only and saved.exists():  # keep the other chains of an earlier run of the same evaluation
-        out["chains"] = json.loads(saved.read_text())["chains"]
+        out["chains"], out["commands"] = (json.loads(saved.read_text()).get(k, []) for k in ("chains", "commands"))
+    out["commands"].append({"command": f"python scripts/ar_sampler.py {' '.join(sys.argv[1:])}",
+                            "chains": "only " + ", ".join(f'"{k}"' for k in args.only) if args.only else "every chain",
+                            "date": time.strftime("%Y-%m-%d")})
     for name, chain in chains(model.num_blocks).items():
         if args.only and not any(k in name for k in args.only):
             continue

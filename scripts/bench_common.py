@@ -984,6 +984,18 @@ def huginn_model_config(kind: str, flavor: str, *, seq: int, attn_backend: str =
     return cfg
 
 
+def huginn_analytic_flops(flavor: str, *, seq: int) -> dict[str, int]:
+    """Training FLOPs per token of ``huginn`` (mean depth 32, k = 8) and ``dblocks_huginn`` at ``flavor``:
+    titan's count (the configs' ``get_nparams_and_flops``, head included) on meta-device models, so any
+    flavor is counted without its weights."""
+    out = {}
+    for kind in ("huginn", "dbhuginn"):
+        cfg = huginn_model_config(kind, flavor, seq=seq, attn_backend="sdpa")
+        with torch.device("meta"):
+            out[kind] = cfg.get_nparams_and_flops(cfg.build(), seq)[1]
+    return out
+
+
 class HuginnStep(E2EStep):
     """titan's ``Trainer._forward_backward_body`` for the ``huginn`` baseline (as :class:`E2EStep`) at a
     fixed depth: the mean m, of which the last k iterations with gradients (what ``get_nparams_and_flops``

@@ -319,6 +319,8 @@ def huginn_target_lines(results: list[RowResult], args, device) -> list[str]:
     """Recurrent depth (issue targets): activation bytes DB Huginn / e2e Huginn ≤ 0.30 (from the rows) and
     training FLOPs per step ≤ 0.15, counted by ``FlopCounterMode`` on one step of each (fresh models) and
     by the configs' ``get_nparams_and_flops`` (with the head) and ``layer_flops_per_token`` (layers only)."""
+    from dblocks_titan.models.huginn import FLAVORS as HUGINN_FLAVORS
+
     by_name = {r.name: r for r in results if r.blocks}
     ref, db = by_name.get(HUGINN_REFERENCE), by_name.get("DB Huginn, B=1")
     if not (ref and db):
@@ -343,6 +345,12 @@ def huginn_target_lines(results: list[RowResult], args, device) -> list[str]:
         f"(`get_nparams_and_flops` × tokens, head included): {ratio['analytic']:.3f}; layers only "
         f"(`layer_flops_per_token`, the head excluded): {ratio['layers']:.3f}. The head runs at the N positions "
         "in both models, so the recurrence does not divide its cost.",
+        "",
+        f"The same analytic ratio (titan's count, head included, N = {args.seq}) for every flavor of "
+        "`models/huginn.py`, counted on meta-device models: "
+        + ", ".join(f"{flavor} {f['dbhuginn'] / f['huginn']:.3f}" for flavor, f in
+                    ((flavor, bc.huginn_analytic_flops(flavor, seq=args.seq)) for flavor in HUGINN_FLAVORS))
+        + ". The head's share of a step falls as the width grows against the vocabulary.",
         "",
     ]
 

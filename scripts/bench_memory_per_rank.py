@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import re
@@ -72,6 +73,11 @@ class Row:
         if self.cpu_offload:
             return f"{self.kind}_cpu_offload"
         return "e2e" if self.kind == "e2e" else self.offload
+
+    @property
+    def offloads_blocks(self) -> bool:
+        """A DB row whose blocks live on the host: ``offload = block`` or titan's CPU offload."""
+        return self.kind == "db" and (self.offload == "block" or self.cpu_offload)
 
     @property
     def config(self) -> str:
@@ -463,14 +469,14 @@ def main() -> None:
     mdlm_ratio = mdlm_best["total"] / c8("e2e MDLM, FSDP, no AC")["total"]
     targets.append(f"- 8B, DB MDLM B = 4, offload = block (best AC) / e2e MDLM no AC: **{mdlm_ratio:.3f}** (target ≤ 0.35): "
                    f"{verdict(mdlm_ratio <= 0.35)}.")
-    for row in (r for r in measured if r.kind == "db" and (r.offload == "block" or r.cpu_offload)):
+    for row in (r for r in measured if r.offloads_blocks):
         b = with_ideal(row, measured[row]["ranks"][0])
         ratio = b["total"] / b["ideal"]
         targets.append(f"- measured {row.name}: device / ideal = {ratio:.3f} (target ≤ 1.10): {verdict(ratio <= 1.10)}.")
     cpu = m_by_name.get("titan e2e llama3, FSDP + CPU offload")
     moved_lines = []
     if cpu:
-        for row in (r for r in measured if r.kind == "db" and (r.offload == "block" or r.cpu_offload) and r.flavor != "1B"):
+        for row in (r for r in measured if r.offloads_blocks and r.flavor != "1B"):
             b, shape = measured[row]["ranks"][0], measured[row]["shape"]
             dbm, tm = b["h2d"] + b["d2h"], cpu["h2d"] + cpu["d2h"]
             share = shape.shared_numel / shape.numel
@@ -481,29 +487,26 @@ def main() -> None:
                                f"{1 / row.num_blocks:.3f} + {share:.3f} = {bound:.3f}): {verdict(dbm / tm <= bound)}.")
 
     tc = computed["8B", "titan e2e llama3, FSDP + CPU offload"]
-    for b in (4, 8):
-        d8 = c8(db("ar", b).name)
+    shape = shapes["8B", "ar", "db"]
+    for cpu_offload, b in itertools.product((False, True), (4, 8)):
+        d8 = c8(db("ar", b, cpu_offload=cpu_offload).name)
         ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
-        shape = shapes["8B", "ar", "db"]
         bound = 1 / b + shape.shared_numel / shape.numel
+        moved = f"{(d8['h2d'] + d8['d2h']) / GIB:,.2f} / {(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = **{ratio:.3f}**"
+        if cpu_offload:
+            moved_lines.append(f"- computed 8B, DB AR B = {b} with titan's CPU offload / titan e2e CPU offload, "
+                               f"host↔device bytes per step, at every step: {moved} (target ≤ {bound:.3f}): "
+                               f"{verdict(ratio <= bound)}. Only what runs moves: the shared modules and the step's "
+                               "block (parameters in, gradients out); the AdamW state stays on the host and steps there.")
+            continue
         mean = ratio * (1 - 1 / b)  # the random schedule at K = 1 keeps the block at 1/B of the steps (no copy)
         moved_lines.append(f"- computed 8B, DB AR B = {b}, offload = block / titan CPU offload, host↔device bytes per "
-                           f"switching step: {(d8['h2d'] + d8['d2h']) / GIB:,.2f} / {(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = "
-                           f"**{ratio:.3f}** (target ≤ {bound:.3f}): {verdict(ratio <= bound)}; per step on average with the "
-                           f"default `random` schedule and K = 1 (a switch at {b - 1}/{b} of the steps; titan's copies "
-                           f"happen at every step): **{mean:.3f}**: {verdict(mean <= bound)}. DB moves a block's "
-                           f"parameters AND AdamW state (12 bytes per parameter each way), titan's offload its "
-                           f"parameters in at each all-gather and its gradients out (its AdamW runs on the host).")
-    for b in (4, 8):
-        d8 = c8(db("ar", b, cpu_offload=True).name)
-        ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
-        shape = shapes["8B", "ar", "db"]
-        bound = 1 / b + shape.shared_numel / shape.numel
-        moved_lines.append(f"- computed 8B, DB AR B = {b} with titan's CPU offload / titan e2e CPU offload, host↔device "
-                           f"bytes per step, at every step: {(d8['h2d'] + d8['d2h']) / GIB:,.2f} / "
-                           f"{(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = **{ratio:.3f}** (target ≤ {bound:.3f}): "
-                           f"{verdict(ratio <= bound)}. Only what runs moves: the shared modules and the step's block "
-                           f"(parameters in, gradients out); the AdamW state stays on the host and steps there.")
+                           f"switching step: {moved} (target ≤ {bound:.3f}): {verdict(ratio <= bound)}; per step on "
+                           f"average with the default `random` schedule and K = 1 (a switch at {b - 1}/{b} of the "
+                           f"steps; titan's copies happen at every step): **{mean:.3f}**: {verdict(mean <= bound)}. DB "
+                           "moves a block's parameters AND AdamW state (12 bytes per parameter each way), titan's "
+                           "offload its parameters in at each all-gather and its gradients out (its AdamW runs on the "
+                           "host).")
 
     # 5. largest model per 80 GiB
     dims = range(1024, 32768 + 1, 1024)  # heads of 128 in groups of 8 KV heads: d a multiple of 1024

@@ -11,7 +11,9 @@
 3. ``python -m dblocks_titan.eval`` re-evaluates both final checkpoints (CE, DB CE per σ level, generation
    metrics; ``--reference-dump`` of a trained ``debug_llama_baseline`` run adds gen-ppl and MAUVE);
 4. beside every CE, the unigram CE of the same held-out batches (the eval command's ``unigram_ce``: the add-one
-   unigram of the training split, same tokenizer).
+   unigram of the training split, same tokenizer);
+5. the DB checkpoint again with its chain stopped at each of ``--stop-levels`` (``--eval.stop_level j``: the
+   first j + 1 of the K core iterations run, level j's logits give the token): sampler CE and generation metrics.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reference-dump", default=None,
                    help="dump folder of a trained debug_llama_baseline run: gen-ppl and MAUVE under it")
+    p.add_argument("--stop-levels", default="4,8,12",
+                   help="comma-separated levels of the DB chain to also evaluate it stopped at ('' for none)")
     p.add_argument("--out", default="results/huginn_cpu.md")
     args = p.parse_args()
     out = Path(args.out)
@@ -56,7 +60,7 @@ def main() -> None:
         out.write_text(report(results))
         return
     py = sys.executable
-    results = {"runs": {}, "eval_flags": []}
+    results = {"runs": {}, "eval_flags": [], "stopped": {}}
     flags = ["--eval.prompts", str(args.prompts), "--eval.continuations", str(args.continuations),
              "--eval.new_tokens", str(args.new_tokens)]
     if args.reference_dump:
@@ -68,9 +72,7 @@ def main() -> None:
         if not args.skip_train:
             sh([py, "-m", "dblocks_titan.train", "--job.config_file", config, "--checkpoint.enable"],
                log=dump / "train.log")
-        sh([py, "-m", "dblocks_titan.eval", "--job.config_file", config, *flags], log=dump / "eval.log")
-        evals = sorted((dump / "checkpoint").glob("eval_step*.json"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
-        metrics = json.loads(evals[-1].read_text())
+        metrics = evaluate(py, config, dump, flags)
         records = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
         info = next(r for r in records if r["kind"] == "run")
         results["runs"][label] = {
@@ -81,10 +83,51 @@ def main() -> None:
             "sampler_ce": metrics.get("sampler_ce"),
             "sampler_ce_sharp_reference": metrics.get("sampler_ce_sharp_reference"),
         }
+    name = RUNS["DiffusionBlocks Huginn, B = 1"]
+    for level in (int(j) for j in args.stop_levels.split(",") if j):
+        metrics = evaluate(py, f"train_configs/{name}.toml", ROOT / "outputs" / name,
+                           [*flags, "--eval.stop_level", str(level)], log=f"eval_stop{level}.log")
+        results["stopped"][level] = {"sampler_ce": metrics["sampler_ce"],
+                                     "eval": {k: metrics[k] for k in EVAL_KEYS if k in metrics}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.write_text(report(results))
     print(out.read_text())
+
+
+def evaluate(py: str, config: str, dump: Path, flags: list[str], log: str = "eval.log") -> dict:
+    """``python -m dblocks_titan.eval`` on the run's latest checkpoint → the metrics it wrote."""
+    sh([py, "-m", "dblocks_titan.eval", "--job.config_file", config, *flags], log=dump / log)
+    evals = sorted((dump / "checkpoint").glob("eval_step*.json"), key=lambda f: int(re.findall(r"\d+", f.name)[-1]))
+    return json.loads(evals[-1].read_text())
+
+
+def stopped_lines(results: dict, baseline_ce: float) -> list[str]:
+    """The DB chain stopped at earlier levels: sampler CE against the baseline's CE, and its samples."""
+    stopped = results.get("stopped") or {}
+    if not stopped:
+        return []
+    db = results["runs"]["DiffusionBlocks Huginn, B = 1"]
+    levels = {f"K = {len(db['ce_per_level'] or []) or 32} (the default chain)": db}
+    levels.update({f"stopped at level {j}": r for j, r in stopped.items()})
+    keys = ("generation/gen_ppl", "generation/unigram_entropy", "generation/mauve")
+    lines = ["", "The DB chain stopped early (`--eval.stop_level j`: core iterations 0..j of the K = 32-level grid "
+             "run, level j's logits give the token), the same eval flags otherwise:", "",
+             "| DB chain | sampler CE S=1 | S=4 | S=16 | S=16 vs the baseline's CE | gen-ppl | unigram entropy | MAUVE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in levels.items():
+        ce = r["sampler_ce"]
+        cells = " | ".join(f"{ce[f'S={k}']['mean']:.3f} ± {ce[f'S={k}']['std']:.3f}" for k in (1, 4, 16))
+        lines.append(f"| {name} | {cells} | {ce['S=16']['mean'] / baseline_ce - 1:+.1%} | "
+                     + " | ".join(f"{r['eval'][k]:.4g}" if k in r["eval"] else "—" for k in keys) + " |")
+    e2e = results["runs"]["e2e Huginn"]["eval"]
+    lines.append(f"| e2e Huginn (its CE at inference depth) | {baseline_ce:.3f} | | | | "
+                 + " | ".join(f"{e2e[k]:.4g}" if k in e2e else "—" for k in keys) + " |")
+    met = [j for j, r in stopped.items() if r["sampler_ce"]["S=16"]["mean"] <= 1.05 * baseline_ce]
+    lines += ["", "Sampler-CE target (S = 16 no worse than the baseline's CE + 5%): "
+              + (f"**met** by the chain stopped at level(s) {', '.join(map(str, met))}" if met else "**missed** by every chain")
+              + "; the default chain (every level down to σ_min) ends sure of one token (above)."]
+    return lines
 
 
 def report(results: dict) -> str:
@@ -101,6 +144,8 @@ def report(results: dict) -> str:
         *(f"python -m dblocks_titan.train --job.config_file {r['config']} --checkpoint.enable" for r in runs.values()),
         *(f"python -m dblocks_titan.eval --job.config_file {r['config']} {' '.join(results['eval_flags'])}"
           for r in runs.values()),
+        *(f"python -m dblocks_titan.eval --job.config_file {db['config']} {' '.join(results['eval_flags'])} "
+          f"--eval.stop_level {j}" for j in results.get("stopped") or {}),
         "```",
         "",
         f"- {platform.processor() or platform.machine()}, Python {platform.python_version()}; one process each, seed 0.",
@@ -154,6 +199,7 @@ def report(results: dict) -> str:
                       + ", and, ending as sharp as the DB chains, score a sampler CE of "
                       + ", ".join(f"{k} {v['ce_low']:.2f} … {v['ce_high']:.2f}" for k, v in sharp.items())
                       + ": the part of the sampler CE that S finite costs, not the model."]
+    lines += stopped_lines(results, e2e["eval"]["ce"])
     lines += [
         "",
         "Held-out CE logged during training (the same fixed batch):",

@@ -20,7 +20,9 @@ from dblocks_titan.sampling import (
     dblocks_generate,
     euler_step,
     generate,
+    run_chain,
     sample_token,
+    target_table,
 )
 
 VOCAB, DIM, LAYERS = 64, 64, 4
@@ -167,6 +169,32 @@ def test_levels_run_their_blocks_in_order(levels, expected_blocks, use_cache):
     )
     assert blocks == expected_blocks
     assert ran == [2 * b + k for b in blocks for k in range(2)]
+
+
+@pytest.mark.parametrize("levels, stop, expected_blocks", [(None, 0, [0]), (4, 2, [0, 0, 1]), (4, 3, [0, 0, 1, 1])])
+def test_a_stopped_chain_runs_the_first_levels_and_its_last_level_gives_the_token(levels, stop, expected_blocks):
+    """``stop_level`` j: levels 0..j of the N-level grid run (their blocks, in order) and level j's logits
+    are the stopped chain's output: the full chain's level-j logits, as the same z walks the same σ."""
+    model = build_dblocks()
+    stopped, full = Chain(num_levels=levels, stop_level=stop), Chain(num_levels=levels)
+    _, blocks = dblocks_generate(model, prompts(length=1), max_new_tokens=1, chain=stopped, return_blocks=True)
+    assert blocks == expected_blocks
+    sigmas, _ = full.levels(model)
+    assert stopped.levels(model)[0] == sigmas[: stop + 1]
+    table = target_table(model)
+    weights = torch.randn(len(sigmas), DIM, VOCAB, generator=torch.Generator().manual_seed(0))
+    denoise = lambda z, j: z @ weights[j]  # noqa: E731  (a different map per level)
+    seen = {}
+    z0 = torch.randn(3, DIM, generator=torch.Generator().manual_seed(1))
+    run_chain(denoise, z0, sigmas, table=table, chain=full, observe=lambda j, logits: seen.setdefault(j, logits))
+    out = run_chain(denoise, z0, stopped.levels(model)[0], table=table, chain=stopped)
+    torch.testing.assert_close(out, seen[stop], rtol=0, atol=0)
+    if stop < len(sigmas) - 1:
+        assert not torch.allclose(out, seen[len(sigmas) - 1])
+    with pytest.raises(ValueError, match="stop_level must be >= 0"):
+        Chain(stop_level=-1)
+    with pytest.raises(ValueError, match="stop_level must be < the chain's 2 levels, got 2"):
+        Chain(stop_level=2).levels(model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -343,3 +343,16 @@ def test_llama3_family_passes_through_the_llama3_depths():
 def test_largest_fitting_stops_at_the_first_miss_after_a_fit():
     assert mm.largest_fitting(lambda d: d if 2 <= d <= 5 else None, range(1, 10)) == (5, 5)
     assert mm.largest_fitting(lambda d: None, range(1, 10)) is None
+
+
+def test_huginn_analytic_flops_on_meta_models_are_the_built_models_count():
+    """``huginn_analytic_flops`` counts on meta-device models what the configs count on built ones; the
+    DB / baseline ratio falls as the width grows against the vocabulary (the head's share)."""
+    seq = 64
+    meta = bc.huginn_analytic_flops("debugmodel", seq=seq)
+    for kind in ("huginn", "dbhuginn"):
+        cfg = bc.huginn_model_config(kind, "debugmodel", seq=seq, attn_backend="sdpa")
+        assert meta[kind] == cfg.get_nparams_and_flops(cfg.build(), seq)[1]
+    ratio = {f: (lambda d: d["dbhuginn"] / d["huginn"])(bc.huginn_analytic_flops(f, seq=256))
+             for f in ("debugmodel", "paper", "1B")}
+    assert ratio["1B"] < 0.15 < ratio["debugmodel"] < ratio["paper"]

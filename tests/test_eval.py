@@ -209,6 +209,9 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
         'flavor = "debugmodel"', 'flavor = "debugmodel"\nvocab_size = 4160'))
     assert "'lm_head.weight' is [4096, 128] there but [4160, 128] in the model" in eval_error(
         monkeypatch, "--job.config_file", str(wider), "--dump_folder", str(db))
+    assert eval_error(monkeypatch, *config, str(db), "--eval.stop_level", "4") == (
+        "dblocks_titan.eval: error: --eval.stop_level must be -1 (the last level) or a level 0..3 of the chain's "
+        "4 levels, got 4")
     assert "the reference must be a titan baseline" in eval_error(
         monkeypatch, *config, str(db), "--eval.reference_config", "train_configs/debug_dblocks.toml")
     assert "is not a checkpoint of model 'llama3'" in eval_error(
