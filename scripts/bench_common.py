@@ -996,6 +996,23 @@ def huginn_analytic_flops(flavor: str, *, seq: int) -> dict[str, int]:
     return out
 
 
+def count_huginn_flops(flavor: str, *, batch: int, seq: int, seed: int = 0) -> dict[str, int]:
+    """:func:`count_step_flops` of one ``huginn`` (mean depth 32, k = 8) and one ``dblocks_huginn`` step at
+    ``flavor`` on the CPU, one model at a time and without an optimizer (a 1B model's weights and
+    gradients fit a 24 GiB machine, its AdamW state beside them would not)."""
+    out = {}
+    for kind in ("huginn", "dbhuginn"):
+        cfg = huginn_model_config(kind, flavor, seq=seq, attn_backend="sdpa")
+        model = build_model(cfg, torch.device("cpu"), seed=seed)
+        inputs, labels = make_batch(batch, seq, cfg.vocab_size, torch.device("cpu"), seed=seed)
+        step = (HuginnStep(model, cfg, inputs, labels) if kind == "huginn"
+                else RecurrentDBStep(model, cfg, inputs, labels, gamma=0.0, seed=seed))
+        step.optimizer = model  # count_step_flops only clears the gradients: Module.zero_grad does
+        out[kind] = count_step_flops(step)
+        del step, model
+    return out
+
+
 class HuginnStep(E2EStep):
     """titan's ``Trainer._forward_backward_body`` for the ``huginn`` baseline (as :class:`E2EStep`) at a
     fixed depth: the mean m, of which the last k iterations with gradients (what ``get_nparams_and_flops``

@@ -352,7 +352,16 @@ def huginn_target_lines(results: list[RowResult], args, device) -> list[str]:
                     ((flavor, bc.huginn_analytic_flops(flavor, seq=args.seq)) for flavor in HUGINN_FLAVORS))
         + ". The head's share of a step falls as the width grows against the vocabulary.",
         "",
-    ]
+    ] + [line for flavor in filter(None, args.count_flavors.split(",")) for line in counted_flavor_lines(flavor, args)]
+
+
+def counted_flavor_lines(flavor: str, args) -> list[str]:
+    """The FLOPs target at another huginn flavor, counted at batch 1 (:func:`bench_common.count_huginn_flops`)."""
+    c = bc.count_huginn_flops(flavor, batch=1, seq=args.seq, seed=args.seed)
+    ratio, target = c["dbhuginn"] / c["huginn"], HUGINN_TARGETS["flops"]
+    return [f"Counted (`FlopCounterMode`, batch 1, N = {args.seq}, one model at a time on the CPU, `--count-flavors`) "
+            f"at flavor {flavor}: {c['dbhuginn']:.4e} / {c['huginn']:.4e} FLOPs = **{ratio:.3f}** (target ≤ "
+            f"{target:.2f}): {'MET' if ratio <= target else 'MISSED'}.", ""]
 
 
 def write_png(path: str, results: list[RowResult]) -> None:
@@ -381,6 +390,8 @@ def main(argv=None) -> None:
     p.add_argument("--mdlm-layers", type=int, default=8,
                    help="n_layers of the MDLM rows (debugmodel has 6; B = 4 needs a multiple of 4)")
     p.add_argument("--huginn-flavor", default="debugmodel", help="flavor of the recurrent-depth rows (huginn.FLAVORS)")
+    p.add_argument("--count-flavors", default="",
+                   help="comma-separated huginn flavors whose training FLOPs are also counted (batch 1, e.g. 1B)")
     p.add_argument("--attn-backend", default="auto", help="auto (flex on CUDA for DB, else sdpa) | sdpa | flex")
     p.add_argument("--blocks", choices=("all", "first"), default="all", help="DB blocks to measure")
     p.add_argument("--rows", default=None, help="comma-separated substrings: only rows whose name contains one")

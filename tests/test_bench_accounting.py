@@ -356,3 +356,11 @@ def test_huginn_analytic_flops_on_meta_models_are_the_built_models_count():
     ratio = {f: (lambda d: d["dbhuginn"] / d["huginn"])(bc.huginn_analytic_flops(f, seq=256))
              for f in ("debugmodel", "paper", "1B")}
     assert ratio["1B"] < 0.15 < ratio["debugmodel"] < ratio["paper"]
+
+
+def test_count_huginn_flops_counts_one_step_of_each_model():
+    """FlopCounterMode over one step of each model, built one at a time without an optimizer: linear in the
+    batch, and the DB step (one pass) far below the baseline's (32 forward + 8 backward core iterations)."""
+    one, two = (bc.count_huginn_flops("debugmodel", batch=b, seq=32) for b in (1, 2))
+    assert two == {k: 2 * v for k, v in one.items()}
+    assert 0.1 < one["dbhuginn"] / one["huginn"] < 0.25
