@@ -996,23 +996,6 @@ def huginn_analytic_flops(flavor: str, *, seq: int) -> dict[str, int]:
     return out
 
 
-def count_huginn_flops(flavor: str, *, batch: int, seq: int, seed: int = 0) -> dict[str, int]:
-    """:func:`count_step_flops` of one ``huginn`` (mean depth 32, k = 8) and one ``dblocks_huginn`` step at
-    ``flavor`` on the CPU, one model at a time and without an optimizer (a 1B model's weights and
-    gradients fit a 24 GiB machine, its AdamW state beside them would not)."""
-    out = {}
-    for kind in ("huginn", "dbhuginn"):
-        cfg = huginn_model_config(kind, flavor, seq=seq, attn_backend="sdpa")
-        model = build_model(cfg, torch.device("cpu"), seed=seed)
-        inputs, labels = make_batch(batch, seq, cfg.vocab_size, torch.device("cpu"), seed=seed)
-        step = (HuginnStep(model, cfg, inputs, labels) if kind == "huginn"
-                else RecurrentDBStep(model, cfg, inputs, labels, gamma=0.0, seed=seed))
-        step.optimizer = model  # count_step_flops only clears the gradients: Module.zero_grad does
-        out[kind] = count_step_flops(step)
-        del step, model
-    return out
-
-
 class HuginnStep(E2EStep):
     """titan's ``Trainer._forward_backward_body`` for the ``huginn`` baseline (as :class:`E2EStep`) at a
     fixed depth: the mean m, of which the last k iterations with gradients (what ``get_nparams_and_flops``
@@ -1043,18 +1026,25 @@ def huginn_step_from_args(kind: str, **config_kwargs) -> Callable:
     --seq, --attn-backend, --vocab-size, --seed)."""
 
     def build(args, device: torch.device) -> Step:
-        cfg = huginn_model_config(kind, args.huginn_flavor, seq=args.seq, attn_backend=args.attn_backend,
-                                  vocab_size=args.vocab_size, **config_kwargs)
-        model = build_model(cfg, device, seed=args.seed)
-        inputs, labels = make_batch(args.batch, args.seq, cfg.vocab_size, device, seed=args.seed)
-        if kind == "huginn":
-            step = HuginnStep(model, cfg, inputs, labels)
-        else:
-            step = RecurrentDBStep(model, cfg, inputs, labels, gamma=0.0, seed=args.seed)
-        step.optimizer = build_optimizer(model, init_all_states=kind != "huginn")
+        step = huginn_step(kind, args.huginn_flavor, batch=args.batch, seq=args.seq, device=device,
+                           attn_backend=args.attn_backend, vocab_size=args.vocab_size, seed=args.seed, **config_kwargs)
+        step.optimizer = build_optimizer(step.model, init_all_states=kind != "huginn")
         return step
 
     return build
+
+
+def huginn_step(kind: str, flavor: str, *, batch: int, seq: int, device: torch.device, attn_backend: str = "sdpa",
+                vocab_size: int | None = None, seed: int = 0, **config_kwargs) -> Step:
+    """One ``huginn`` (:class:`HuginnStep`) or ``dbhuginn`` (:class:`RecurrentDBStep`) step on fixed random
+    batches, without an optimizer."""
+    cfg = huginn_model_config(kind, flavor, seq=seq, attn_backend=attn_backend, vocab_size=vocab_size,
+                              **config_kwargs)
+    model = build_model(cfg, device, seed=seed)
+    inputs, labels = make_batch(batch, seq, cfg.vocab_size, device, seed=seed)
+    if kind == "huginn":
+        return HuginnStep(model, cfg, inputs, labels)
+    return RecurrentDBStep(model, cfg, inputs, labels, gamma=0.0, seed=seed)
 
 
 def count_step_flops(step: Step) -> int:
@@ -1067,3 +1057,16 @@ def count_step_flops(step: Step) -> int:
         step.backward(step.loss(0))
     step.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def count_huginn_flops(flavor: str, *, batch: int, seq: int, seed: int = 0) -> dict[str, int]:
+    """:func:`count_step_flops` of one ``huginn`` (mean depth 32, k = 8) and one ``dblocks_huginn`` step at
+    ``flavor`` on the CPU, one model at a time and without an optimizer (a 1B model's weights and
+    gradients fit a 24 GiB machine, its AdamW state beside them would not)."""
+    out = {}
+    for kind in ("huginn", "dbhuginn"):
+        step = huginn_step(kind, flavor, batch=batch, seq=seq, device=torch.device("cpu"), seed=seed)
+        step.optimizer = step.model  # count_step_flops only clears the gradients: Module.zero_grad does
+        out[kind] = count_step_flops(step)
+        del step
+    return out

@@ -108,10 +108,11 @@ def stopped_lines(results: dict, baseline_ce: float) -> list[str]:
     if not stopped:
         return []
     db = results["runs"]["DiffusionBlocks Huginn, B = 1"]
-    levels = {f"K = {len(db['ce_per_level'] or []) or 32} (the default chain)": db}
+    k = len(db["ce_per_level"] or []) or 32  # the eval's levels: the model's sampler_levels
+    levels = {f"K = {k} (the default chain)": db}
     levels.update({f"stopped at level {j}": r for j, r in stopped.items()})
     keys = ("generation/gen_ppl", "generation/unigram_entropy", "generation/mauve")
-    lines = ["", "The DB chain stopped early (`--eval.stop_level j`: core iterations 0..j of the K = 32-level grid "
+    lines = ["", f"The DB chain stopped early (`--eval.stop_level j`: core iterations 0..j of the K = {k}-level grid "
              "run, level j's logits give the token), the same eval flags otherwise:", "",
              "| DB chain | sampler CE S=1 | S=4 | S=16 | S=16 vs the baseline's CE | gen-ppl | unigram entropy | MAUVE |",
              "|---|---|---|---|---|---|---|---|"]
