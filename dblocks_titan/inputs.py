@@ -335,10 +335,6 @@ def check_dblocks(config: Any, sources: Sources) -> None:
         if db.num_blocks < 2:
             raise sources.fail("dblocks.num_blocks", db.num_blocks,
                                ">= 2 with dblocks.parallel = 'blocks' (one rank group per block)")
-        if db.freeze_shared_after:
-            raise sources.fail("dblocks.freeze_shared_after", db.freeze_shared_after,
-                               "0 with dblocks.parallel = 'blocks': every block trains at every step there, so no "
-                               "block's shared modules drift while another trains (the remedy is for the sequential mode)")
         if db.shared_grads == "group" and config.checkpoint.enable:
             raise sources.fail("dblocks.shared_grads", "group",
                                "'world' to checkpoint: 'group' trains B different copies of the shared modules, which "

@@ -136,7 +136,8 @@ class DBlocksConfig:
     the ``sequential`` schedule invite it). S > 0: after optimizer step S the shared modules take no
     update (their gradients are dropped after the step's last backward, before clipping, so the clip
     norm is the block's own); the blocks go on training against them. 0: never frozen (the paper).
-    Sequential mode only."""
+    Block-parallel (``shared_grads = "world"``): the shared modules stay identical on every group, so after
+    step S the groups skip the cross-group all-reduce and train with no traffic between them."""
     edm: EDMConfig = field(default_factory=EDMConfig)
 
 
@@ -293,7 +294,9 @@ class DBlocksTrainer(Trainer):
         3. ``shared_grads = "world"``: replace the shared part by its mean over the groups,
            (1/B)·Σ_g Ĝ_g[shared], in one flat all-reduce (:func:`average_over_group`; in
            ``dblocks.shared_reduce_dtype``). ``group``: no
-           cross-group traffic; every group keeps its own shared modules.
+           cross-group traffic; every group keeps its own shared modules. After
+           ``dblocks.freeze_shared_after`` the shared gradients are already dropped (identical frozen
+           shared modules on every group): no cross-group traffic either.
 
         What is then equal, and what only in expectation (tested: ``tests/test_block_parallel.py``):
         - block g's gradient is the sequential step's on block g (same batch, same noise), and the shared
@@ -314,7 +317,7 @@ class DBlocksTrainer(Trainer):
         params = [p for p in self.model_parts[0].parameters() if p.grad is not None]
         torch._foreach_mul_([local_tensor(p.grad) for p in params], self._group_scale)
         dist_utils.clip_grad_norm_(params, self.max_norm, foreach=True)
-        if self.config.dblocks.shared_grads != "world":
+        if self.config.dblocks.shared_grads != "world" or self.shared_frozen():
             return
         shared = shared_parameters(self.model_parts[0])
         missing = [name for name, p in shared if p.grad is None]

@@ -74,6 +74,7 @@ class Run:
     dblocks: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     lr_scheduler: dict = field(default_factory=dict)
+    nproc: int = 1  # > 1: torchrun with that many gloo ranks (block-parallel: one per block)
 
     @property
     def dblocks_model(self) -> bool:
@@ -116,6 +117,12 @@ RUNS = [
         dblocks={"steps_per_block": 64, "steps_per_block_from": 300, "freeze_shared_after": 300}),
     Run("db_k1000_warm", "the remedy with K = 1000: after step 300 one block trains the 300 steps left",
         dblocks={"steps_per_block": 1000, "steps_per_block_from": 300, "freeze_shared_after": 300}),
+    Run("db_bp", "block-parallel, 4 gloo ranks (one per block) with the default's per-block budget: 150 steps, "
+        "warm-up 10, each rank local batch 8", dblocks={"parallel": "blocks"}, training={"steps": 150},
+        lr_scheduler={"warmup_steps": 10}, nproc=4),
+    Run("db_bp_freeze75", "db_bp with the shared modules frozen after step 75: no cross-group traffic after it",
+        dblocks={"parallel": "blocks", "freeze_shared_after": 75}, training={"steps": 150},
+        lr_scheduler={"warmup_steps": 10}, nproc=4),
 ]
 
 
@@ -168,10 +175,12 @@ def train(run: Run, seed: int, out: Path) -> Path:
     dump.mkdir(parents=True, exist_ok=True)
     (dump / "config.toml").write_text(dump_toml(run_table(run, seed, dump)) + "\n")
     start = time.time()
-    cmd = [sys.executable, "-m", "dblocks_titan.train", "--job.config_file", str(dump / "config.toml")]
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={run.nproc}"] if run.nproc > 1 else []
+    cmd = [sys.executable, *launch, "-m", "dblocks_titan.train", "--job.config_file", str(dump / "config.toml")]
+    threads = {"OMP_NUM_THREADS": "1"} if run.nproc > 1 else {}
     with open(dump / "train.log", "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", **threads})
     print(f"trained {dump.name} in {time.time() - start:.0f} s", flush=True)
     return dump
 

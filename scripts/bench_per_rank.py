@@ -43,8 +43,11 @@ MODES = {
     "DB block-parallel (shared_grads=world)": ("debug_dblocks.toml", ["--dblocks.parallel", "blocks"]),
 }
 BLOCK_PARALLEL, BF16_REDUCE = "DB block-parallel (shared_grads=world)", "DB block-parallel (shared_grads=world, bf16 reduce)"
-COMM_MODES = {**MODES, BF16_REDUCE: (MODES[BLOCK_PARALLEL][0],
-                                     [*MODES[BLOCK_PARALLEL][1], "--dblocks.shared_reduce_dtype", "bfloat16"])}
+FROZEN = "DB block-parallel (shared_grads=world), shared modules frozen"
+COMM_MODES = {**MODES,
+              BF16_REDUCE: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], "--dblocks.shared_reduce_dtype", "bfloat16"]),
+              # the measured runs take 2 steps and count the last: frozen after step 1
+              FROZEN: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], "--dblocks.freeze_shared_after", "1"])}
 
 
 def run_mode(config: Path, extra: list[str], out: Path, nproc: int, env: dict | None = None) -> list[dict]:
@@ -161,13 +164,15 @@ def computed_comm(constants: dict, shape, *, world: int, num_blocks: int, mode: 
     within = bc.fsdp_bytes_sent(constants["sequential"], layer_params=layers, shared_params=shape.shared_numel,
                                 group_size=group, param_bytes=param_bytes, reduce_bytes=reduce_bytes)
     across_bytes = 2 if mode == BF16_REDUCE else reduce_bytes
-    bucket = constants["block-parallel"]["all_reduce/shared/across"] * shape.shared_numel / group * across_bytes
+    bucket = constants[mode_key(mode)]["all_reduce/shared/across"] * shape.shared_numel / group * across_bytes
     return {"within": within, "across": bc.ring_bytes_sent("all_reduce", bucket, num_blocks),
             "shared_held": 4 * shape.shared_numel / group, "copies": num_blocks}
 
 
 def mode_key(mode: str) -> str:
     """The mode's constants (payload elements, whatever their dtype: the bf16-reduce row's are block-parallel's)."""
+    if mode == FROZEN:
+        return "block-parallel, frozen"
     return "e2e" if "e2e" in mode else "block-parallel" if "block-parallel" in mode else "sequential"
 
 
@@ -231,11 +236,16 @@ def comm_main(args) -> None:
               f"Target (issue 12): block-parallel across-group bytes ≤ 0.1 × titan e2e's per rank. titan e2e "
               "reduce-scatters its gradients in fp32 (titan 0.3.0 accepts only float32 for "
               "`mixed_precision_reduce`): the fp32 rows compare like with like, the bf16-reduce rows halve DB's "
-              "cross-group payload alone.", ""]
+              "cross-group payload alone. The `shared modules frozen` rows are a step after "
+              "`--dblocks.freeze_shared_after F` (the shared modules identical and frozen on every group: no "
+              "cross-group all-reduce; within a group FSDP2 still reduce-scatters their gradients, which are then "
+              "dropped); steps 1 … F send the fp32 rows' bytes, so a run of T steps averages F/T of the fp32 row "
+              "across the groups.", ""]
     rows = []
     for (flavor, world), by_mode in computed.items():
         for mode, row in by_mode.items():
             target = ("met" if row["across_vs_e2e"] <= 0.1 else "missed") if "block-parallel" in mode else ""
+            target += " (after F)" if mode == FROZEN else ""
             rows.append([flavor, world, mode, f"{row['shared_held'] / GIB:,.3f}", row["copies"], f"{row['within'] / GIB:,.3f}",
                          f"{row['across'] / GIB:,.3f}", f"{row['across_vs_e2e']:.3f}", f"{row['total_vs_e2e']:.3f}", target])
     lines += [bc.markdown_table(["flavor", "ranks", "mode", "shared held (GiB)", "copies", "within (GiB)", "across (GiB)",
@@ -267,7 +277,7 @@ def comm_main(args) -> None:
     labels, within, across = [], [], []
     for (flavor, world), by_mode in computed.items():
         for mode, row in by_mode.items():
-            labels.append(f"{flavor} W={world} {mode_key(mode)}")
+            labels.append(f"{flavor} W={world} {mode_key(mode)}{', bf16 reduce' if mode == BF16_REDUCE else ''}")
             within.append(row["within"] / by_mode[next(iter(MODES))]["across"])
             across.append(row["across_vs_e2e"])
     bc.bar_chart(str(out.with_suffix(".png")), labels, {"within a block group": within, "across block groups": across},

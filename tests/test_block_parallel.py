@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,6 +125,31 @@ def test_bf16_shared_reduce_rounds_the_mean_once_and_keeps_the_groups_identical(
         assert 0 < error <= 3 * 2**-8 and error < 0.01 * exact, (error, exact)
     shared0, shared1 = (torch.load(tmp_path / "bfloat16" / f"shared{r}.pt") for r in (0, 1))
     assert all(torch.equal(shared0[n], shared1[n]) for n in shared0)
+
+
+def test_frozen_shared_modules_end_the_cross_group_traffic(tmp_path):
+    """``dblocks.freeze_shared_after = 2`` in block-parallel mode: step 3 (resumed from the step-2 checkpoint)
+    moves every parameter of each rank's block but no shared parameter (they stay bit-identical across the
+    groups), and its only collectives are scalars (the loss and token counts): the cross-group all-reduce of
+    the shared gradients, which an unfrozen run's step 3 sends, is gone."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_common import SCALAR_NUMEL
+
+    debug, counted = "train_configs/debug_dblocks.toml", {"DBLOCKS_COUNT_COMM": "1"}
+    common = ["--validator.no-enable", *BLOCKS, "--checkpoint.enable", "--checkpoint.interval", "2"]
+    run([*REPORT, str(tmp_path / "0"), debug, "3", *common], env=counted)
+    for steps in ("2", "3"):
+        run([*REPORT, str(tmp_path / "2"), debug, steps, *common, "--dblocks.freeze_shared_after", "2"], env=counted)
+    big = lambda after, r: [c for c in json.loads((tmp_path / after / f"comm{r}.json").read_text())["records"]  # noqa: E731
+                            if c["numel"] > SCALAR_NUMEL]
+    assert all(len(big("0", r)) == 1 and big("0", r)[0]["kind"] == "all_reduce" for r in (0, 1))
+    assert big("2", 0) == big("2", 1) == []
+    shared0, shared1 = (torch.load(tmp_path / "2" / f"shared{r}.pt") for r in (0, 1))
+    assert "lm_head.weight" in shared0 and all(torch.equal(shared0[n], shared1[n]) for n in shared0)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "2" / f"rank{rank}.json").read_text())
+        own = {n for n in report["param_bytes"] if n not in shared0}
+        assert set(report["changed"]) == own and layer_ids(own) == {str(i) for i in range(4 * rank, 4 * rank + 4)}
 
 
 def test_group_mode_keeps_one_set_of_shared_modules_per_group(tmp_path):

@@ -45,8 +45,6 @@ def test_frozen_shared_modules_stay_while_the_blocks_train(tmp_path, freeze_afte
 
 @pytest.mark.parametrize("table, error", [
     ("freeze_shared_after = -1", "dblocks.freeze_shared_after = -1: must be an int >= 0 (0: never frozen)"),
-    ("freeze_shared_after = 10\nparallel = 'blocks'\nnum_blocks = 2",
-     "dblocks.freeze_shared_after = 10: must be 0 with dblocks.parallel = 'blocks'"),
 ])
 def test_bad_freeze_settings_are_one_line_errors(tmp_path, table, error):
     from dblocks_titan.toml_config import InputError, TomlConfigManager
