@@ -219,6 +219,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dblocks.freeze_shared_after": (at_least(0)[0], "an int >= 0 (0: never frozen)"),
     "dblocks.steps_per_block_from": (at_least(0)[0], "an int >= 0 (0: runs of K from the first step)"),
     "dblocks.running_loss_decay": unit_interval(False),
+    "dblocks.shared_lr_scale": POSITIVE_FINITE,
     "dblocks.edm.p_mean": FINITE,
     "dblocks.edm.p_std": POSITIVE_FINITE,
     "dblocks.edm.sigma_min": POSITIVE_FINITE,

@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -44,6 +45,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from torchtitan.components.loss import IGNORE_INDEX
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
@@ -130,6 +132,11 @@ class DBlocksConfig:
     """F > 0: the runs of K start after optimizer step F; steps 1…F draw a new block every step (K = 1).
     With ``freeze_shared_after`` = F this is the remedy for long runs: the shared modules train while
     every block interleaves, then freeze, so no run of K can drift them away from the other blocks."""
+    shared_lr_scale: float = 1.0
+    """The shared modules' learning rate as a multiple of ``optimizer.lr`` (their own AdamW param group,
+    on the same schedule). 1: the paper. In block-parallel mode the shared modules take one AdamW step per
+    step on the mean of B blocks' gradients, where sequential mode gives them B single-block steps for the
+    same per-block budget; ``B`` makes up for that (measured on the default pair: README, block-parallel)."""
     freeze_shared_after: int = 0
     """A remedy for shared-module drift (a block's CE rises once other blocks have moved the shared
     embeddings, head, time embedder and final adaLN it was trained with; long ``steps_per_block`` runs and
@@ -180,6 +187,22 @@ def configure_block_parallel(config) -> None:
     )
 
 
+def add_shared_lr_group(config) -> None:
+    """``dblocks.shared_lr_scale`` ≠ 1: put the shared modules (named on a meta-device build of the model)
+    in their own param group of titan's optimizer, ahead of the catch-all one, with ``lr`` × the scale;
+    titan's LR scheduler scales every group's own LR, so the ratio holds over the whole schedule."""
+    scale = config.dblocks.shared_lr_scale
+    if scale == 1:
+        return
+    base = config.optimizer.param_groups[-1]
+    with torch.device("meta"):
+        names = [name for name, _ in shared_parameters(config.model_spec.model.build())]
+    pattern = "^(" + "|".join(re.escape(name) for name in names) + ")$"
+    kwargs = {**base.optimizer_kwargs, "lr": base.optimizer_kwargs["lr"] * scale}
+    config.optimizer.param_groups.insert(0, ParamGroupConfig(pattern=pattern, optimizer_name=base.optimizer_name,
+                                                             optimizer_kwargs=kwargs))
+
+
 @torch.no_grad()
 def broadcast_shared_modules(model: torch.nn.Module, group) -> None:
     """Give every group group 0's shared modules (initialisation consumes the RNG differently on
@@ -201,6 +224,7 @@ class DBlocksTrainer(Trainer):
         self.max_norm = config.training.max_norm
         if self.block_parallel:
             configure_block_parallel(config)
+        add_shared_lr_group(config)
         super().__init__(config)
         if self.block_parallel:
             replicate = self.parallel_dims.get_mesh("dp_replicate")

@@ -120,6 +120,9 @@ RUNS = [
     Run("db_bp", "block-parallel, 4 gloo ranks (one per block) with the default's per-block budget: 150 steps, "
         "warm-up 10, each rank local batch 8", dblocks={"parallel": "blocks"}, training={"steps": 150},
         lr_scheduler={"warmup_steps": 10}, nproc=4),
+    Run("db_bp_lr4", "db_bp with the shared modules at 4× the LR (shared_lr_scale = B = 4)",
+        dblocks={"parallel": "blocks", "shared_lr_scale": 4.0}, training={"steps": 150},
+        lr_scheduler={"warmup_steps": 10}, nproc=4),
     Run("db_bp_freeze75", "db_bp with the shared modules frozen after step 75: no cross-group traffic after it",
         dblocks={"parallel": "blocks", "freeze_shared_after": 75}, training={"steps": 150},
         lr_scheduler={"warmup_steps": 10}, nproc=4),

@@ -206,8 +206,9 @@ def test_checkpoints_load_in_the_other_mode(tmp_path, first, then):
 
 def test_block_parallel_config_has_its_own_budget():
     """owt_dblocks_blockparallel.toml: owt_dblocks.toml's model, data and objective, in block-parallel mode,
-    with the baseline's steps and warm-up (every block trains at every step) and B x its global batch (each
-    group the baseline's batch); it is also a config function for titan's launcher."""
+    with the baseline's steps and warm-up (every block trains at every step), B x its global batch (each
+    group the baseline's batch) and B x the shared modules' LR (one shared step per step, not B); it is also a
+    config function for titan's launcher."""
     from dblocks_titan import config_registry
     from dblocks_titan.toml_config import load_toml
 
@@ -218,6 +219,7 @@ def test_block_parallel_config_has_its_own_budget():
     spec = lambda c: (c.model_spec.name, c.model_spec.flavor, len(c.model_spec.model.layers), c.model_spec.model.dim)  # noqa: E731
     assert spec(bp) == spec(seq) and bp.dataloader.dataset == seq.dataloader.dataset
     assert (bp.dblocks.gamma, bp.dblocks.weighting, B) == (seq.dblocks.gamma, seq.dblocks.weighting, seq.dblocks.num_blocks)
+    assert (bp.dblocks.shared_lr_scale, seq.dblocks.shared_lr_scale) == (B, 1)  # the shared modules' B steps in one
     assert bp.training.steps == e2e.training.steps == seq.training.steps // B
     assert bp.lr_scheduler.warmup_steps == e2e.lr_scheduler.warmup_steps == seq.lr_scheduler.warmup_steps // B
     assert bp.training.global_batch_size == B * e2e.training.global_batch_size

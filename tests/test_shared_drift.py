@@ -1,6 +1,6 @@
-"""``dblocks.freeze_shared_after`` (the shared-module drift remedy of :class:`DBlocksTrainer`): after step S the
-shared modules (embeddings, head, time embedder, final norm and adaLN) stay exactly as they were while the
-blocks keep training; without it they move."""
+"""The shared modules (embeddings, head, time embedder, final norm and adaLN) in :class:`DBlocksTrainer`:
+``dblocks.freeze_shared_after`` (the drift remedy): after step S they stay exactly as they were while the
+blocks keep training; without it they move. ``dblocks.shared_lr_scale``: their own learning rate."""
 
 import pytest
 import torch
@@ -43,8 +43,29 @@ def test_frozen_shared_modules_stay_while_the_blocks_train(tmp_path, freeze_afte
         assert {"tok_embeddings.weight", "lm_head.weight"} <= moved, sorted(set(shared) - moved)
 
 
+def test_the_shared_lr_scale_scales_the_shared_modules_update_alone(tmp_path):
+    """AdamW without weight decay moves a parameter by lr·m̂/(√v̂ + ε): linear in its LR. One step from the same
+    initial weights with ``shared_lr_scale`` 1, 2, 4: every shared parameter's value is affine in the scale
+    (p₄ − p₂ = 2·(p₂ − p₁); at the zero-initialised gates of step 1 only the head has a gradient, the others
+    stay put at every scale); the step's block moves the same in all three runs."""
+    import json
+
+    runs = {}
+    for scale in ("1", "2", "4"):
+        out = tmp_path / scale
+        run([PY, "scripts/rank_report.py", str(out), CONFIG, "1", "--validator.no-enable", "--dblocks.shared_lr_scale", scale])
+        runs[scale] = (torch.load(out / "shared0.pt"), json.loads((out / "rank0.json").read_text())["changed"])
+    assert runs["1"][1] == runs["2"][1] == runs["4"][1]  # the same block (and shared modules) moved
+    (p1, _), (p2, _), (p4, _) = runs["1"], runs["2"], runs["4"]
+    assert {"tok_embeddings.weight", "lm_head.weight", "final_adaln.weight"} <= set(p1)
+    assert (p2["lm_head.weight"] - p1["lm_head.weight"]).abs().max() > 0
+    for name in p1:
+        assert torch.allclose(p4[name] - p2[name], 2 * (p2[name] - p1[name]), rtol=1e-3, atol=1e-7), name
+
+
 @pytest.mark.parametrize("table, error", [
     ("freeze_shared_after = -1", "dblocks.freeze_shared_after = -1: must be an int >= 0 (0: never frozen)"),
+    ("shared_lr_scale = 0", "dblocks.shared_lr_scale = 0: must be a finite number > 0"),
 ])
 def test_bad_freeze_settings_are_one_line_errors(tmp_path, table, error):
     from dblocks_titan.toml_config import InputError, TomlConfigManager
