@@ -84,6 +84,13 @@ class Run:
 PAPER_DBLOCKS = {"edge_share": 0.0}
 
 
+def block_parallel_run(name: str, what: str, **dblocks) -> Run:
+    """The default run in block-parallel mode with its per-block budget: 4 gloo ranks (one per block), the
+    baseline's 150 steps and warm-up 10, each rank the default's local batch; ``dblocks``: more [dblocks] keys."""
+    return Run(name, what, dblocks={"parallel": "blocks", **dblocks}, training={"steps": 150},
+               lr_scheduler={"warmup_steps": 10}, nproc=4)
+
+
 RUNS = [
     Run("twin8", "titan llama3, 8 layers (the e2e twin), 150 steps: equal layer-updates", TWIN_TOML),
     Run("twin8_flops", "the same, 340 steps: the DB runs' layer-FLOPs", TWIN_TOML,
@@ -117,18 +124,14 @@ RUNS = [
         dblocks={"steps_per_block": 64, "steps_per_block_from": 300, "freeze_shared_after": 300}),
     Run("db_k1000_warm", "the remedy with K = 1000: after step 300 one block trains the 300 steps left",
         dblocks={"steps_per_block": 1000, "steps_per_block_from": 300, "freeze_shared_after": 300}),
-    Run("db_bp", "block-parallel, 4 gloo ranks (one per block) with the default's per-block budget: 150 steps, "
-        "warm-up 10, each rank local batch 8", dblocks={"parallel": "blocks"}, training={"steps": 150},
-        lr_scheduler={"warmup_steps": 10}, nproc=4),
-    Run("db_bp_lr4", "db_bp with the shared modules at 4× the LR (shared_lr_scale = B = 4)",
-        dblocks={"parallel": "blocks", "shared_lr_scale": 4.0}, training={"steps": 150},
-        lr_scheduler={"warmup_steps": 10}, nproc=4),
-    Run("db_bp_lr4_freeze75", "db_bp_lr4 with the shared modules frozen after step 75",
-        dblocks={"parallel": "blocks", "shared_lr_scale": 4.0, "freeze_shared_after": 75}, training={"steps": 150},
-        lr_scheduler={"warmup_steps": 10}, nproc=4),
-    Run("db_bp_freeze75", "db_bp with the shared modules frozen after step 75: no cross-group traffic after it",
-        dblocks={"parallel": "blocks", "freeze_shared_after": 75}, training={"steps": 150},
-        lr_scheduler={"warmup_steps": 10}, nproc=4),
+    block_parallel_run("db_bp", "block-parallel, 4 gloo ranks (one per block) with the default's per-block budget: "
+                       "150 steps, warm-up 10, each rank local batch 8"),
+    block_parallel_run("db_bp_lr4", "db_bp with the shared modules at 4× the LR (shared_lr_scale = B = 4)",
+                       shared_lr_scale=4.0),
+    block_parallel_run("db_bp_lr4_freeze75", "db_bp_lr4 with the shared modules frozen after step 75",
+                       shared_lr_scale=4.0, freeze_shared_after=75),
+    block_parallel_run("db_bp_freeze75", "db_bp with the shared modules frozen after step 75: no cross-group "
+                       "traffic after it", freeze_shared_after=75),
 ]
 
 

@@ -487,14 +487,13 @@ def main() -> None:
                                f"{1 / row.num_blocks:.3f} + {share:.3f} = {bound:.3f}): {verdict(dbm / tm <= bound)}.")
 
     tc = computed["8B", "titan e2e llama3, FSDP + CPU offload"]
-    shape = shapes["8B", "ar", "db"]
+    shape, single = shapes["8B", "ar", "db"], flavor_shape("ar", "db", "8B", adaln="single")
     for cpu_offload, b in itertools.product((False, True), (4, 8)):
         d8 = c8(db("ar", b, cpu_offload=cpu_offload).name)
         ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
         bound = 1 / b + shape.shared_numel / shape.numel
         moved = f"{(d8['h2d'] + d8['d2h']) / GIB:,.2f} / {(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = **{ratio:.3f}**"
         if cpu_offload:
-            single = flavor_shape("ar", "db", "8B", adaln="single")
             s8 = computed_row(db("ar", b, cpu_offload=True), single, constants, TARGET)
             s_ratio = (s8["h2d"] + s8["d2h"]) / (tc["h2d"] + tc["d2h"])
             s_bound = 1 / b + single.shared_numel / single.numel

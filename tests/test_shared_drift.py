@@ -47,7 +47,7 @@ def test_the_shared_lr_scale_scales_the_shared_modules_update_alone(tmp_path):
     """AdamW without weight decay moves a parameter by lr·m̂/(√v̂ + ε): linear in its LR. One step from the same
     initial weights with ``shared_lr_scale`` 1, 2, 4: every shared parameter's value is affine in the scale
     (p₄ − p₂ = 2·(p₂ − p₁); at the zero-initialised gates of step 1 only the head has a gradient, the others
-    stay put at every scale); the step's block moves the same in all three runs."""
+    stay put at every scale); the same parameters move in all three runs."""
     import json
 
     runs = {}
