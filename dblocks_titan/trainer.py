@@ -9,8 +9,8 @@ What it overrides, and nothing else:
   ``metrics.log_freq`` steps).
 - ``_forward_backward_body``: the model's objective (:mod:`dblocks_titan.objectives`: AR or
   masked diffusion) corrupts the micro-batch for that block and runs only its layers; the loss is
-  backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned; after
-  the step's last backward, ``dblocks.freeze_shared_after`` drops the shared modules' gradients.
+  backpropagated and the objective's logged value (AR: unweighted CE; masked: NELBO) returned. After
+  ``dblocks.freeze_shared_after`` the shared modules do not require gradients (none computed).
 - ``state_dict``/``load_state_dict``: add the schedule's generator and the running losses.
 
 Block-parallel mode (``dblocks.parallel = "blocks"``, :mod:`dblocks_titan.parallelize`): the world is
@@ -141,7 +141,7 @@ class DBlocksConfig:
     """A remedy for shared-module drift (a block's CE rises once other blocks have moved the shared
     embeddings, head, time embedder and final adaLN it was trained with; long ``steps_per_block`` runs and
     the ``sequential`` schedule invite it). S > 0: after optimizer step S the shared modules take no
-    update (their gradients are dropped after the step's last backward, before clipping, so the clip
+    update (they stop requiring gradients: none is computed, reduce-scattered or clipped, so the clip
     norm is the block's own); the blocks go on training against them. 0: never frozen (the paper).
     Block-parallel (``shared_grads = "world"``): the shared modules stay identical on every group, so after
     step S the groups skip the cross-group all-reduce and train with no traffic between them."""
@@ -270,6 +270,7 @@ class DBlocksTrainer(Trainer):
         self._step_loss.zero_()
         self._local_tokens.zero_()
         self._microbatch = 0
+        self._freeze_shared_if_due()
         with self.offload.step(self.block, next_block):  # the block on the device, the next one on its way
             super().train_step(data_iterator)
         self._log_block_step()
@@ -293,18 +294,26 @@ class DBlocksTrainer(Trainer):
         self._step_loss += logged
         if self.block_parallel:
             self._local_tokens += (labels != IGNORE_INDEX).sum()
-        if self._microbatch == self.gradient_accumulation_steps:  # the step's last backward
-            if self.shared_frozen():
-                for _, param in shared_parameters(self.model_parts[0]):
-                    param.grad = None
-            if self.block_parallel:
-                self._finish_block_parallel_grads(global_valid_tokens)
+        if self.block_parallel and self._microbatch == self.gradient_accumulation_steps:  # the last backward
+            self._finish_block_parallel_grads(global_valid_tokens)
         return logged
 
     def shared_frozen(self) -> bool:
         """Whether this step leaves the shared modules as they are (``dblocks.freeze_shared_after``)."""
         after = self.config.dblocks.freeze_shared_after
         return 0 < after < self.step
+
+    def _freeze_shared_if_due(self) -> None:
+        """At the start of the first step after ``dblocks.freeze_shared_after`` (and of a run resumed past
+        it): ``requires_grad_(False)`` on the shared parameters' sharded DTensors. FSDP2 copies the flag to
+        the unsharded parameters at their next all-gather, so autograd computes no weight gradient for the
+        embeddings, head, time embedder and final adaLN (the head still passes its input gradient to the
+        block), FSDP2 reduce-scatters none of them, and AdamW and the clip skip them (no gradient). The
+        block's gradient is what it was with the shared gradients computed and dropped."""
+        if not self.shared_frozen():
+            return
+        for _, param in shared_parameters(self.model_parts[0]):
+            param.requires_grad_(False)
 
     def _finish_block_parallel_grads(self, global_valid_tokens: torch.Tensor) -> None:
         """After the step's last backward, block-parallel only. Three steps, no host sync:
@@ -319,7 +328,7 @@ class DBlocksTrainer(Trainer):
            (1/B)·Σ_g Ĝ_g[shared], in one flat all-reduce (:func:`average_over_group`; in
            ``dblocks.shared_reduce_dtype``). ``group``: no
            cross-group traffic; every group keeps its own shared modules. After
-           ``dblocks.freeze_shared_after`` the shared gradients are already dropped (identical frozen
+           ``dblocks.freeze_shared_after`` there are no shared gradients (identical frozen
            shared modules on every group): no cross-group traffic either.
 
         What is then equal, and what only in expectation (tested: ``tests/test_block_parallel.py``):

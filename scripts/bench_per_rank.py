@@ -42,12 +42,15 @@ MODES = {
     "DB sequential, FSDP": ("debug_dblocks.toml", []),
     "DB block-parallel (shared_grads=world)": ("debug_dblocks.toml", ["--dblocks.parallel", "blocks"]),
 }
-BLOCK_PARALLEL, BF16_REDUCE = "DB block-parallel (shared_grads=world)", "DB block-parallel (shared_grads=world, bf16 reduce)"
-FROZEN = "DB block-parallel (shared_grads=world), shared modules frozen"
-COMM_MODES = {**MODES,
-              BF16_REDUCE: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], "--dblocks.shared_reduce_dtype", "bfloat16"]),
-              # the measured runs take 2 steps and count the last: frozen after step 1
-              FROZEN: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], "--dblocks.freeze_shared_after", "1"])}
+SEQUENTIAL, BLOCK_PARALLEL = "DB sequential, FSDP", "DB block-parallel (shared_grads=world)"
+BF16_REDUCE = "DB block-parallel (shared_grads=world, bf16 reduce)"
+SEQ_FROZEN, FROZEN = f"{SEQUENTIAL}, shared modules frozen", f"{BLOCK_PARALLEL}, shared modules frozen"
+FREEZE = ["--dblocks.freeze_shared_after", "1"]  # the measured runs take 2 steps and count the last
+COMM_MODES = {name: MODES[name] for name in ("titan e2e llama3, FSDP", SEQUENTIAL)}
+COMM_MODES |= {SEQ_FROZEN: (MODES[SEQUENTIAL][0], [*MODES[SEQUENTIAL][1], *FREEZE]),
+               BLOCK_PARALLEL: MODES[BLOCK_PARALLEL],
+               BF16_REDUCE: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], "--dblocks.shared_reduce_dtype", "bfloat16"]),
+               FROZEN: (MODES[BLOCK_PARALLEL][0], [*MODES[BLOCK_PARALLEL][1], *FREEZE])}
 
 
 def run_mode(config: Path, extra: list[str], out: Path, nproc: int, env: dict | None = None) -> list[dict]:
@@ -155,13 +158,12 @@ def computed_comm(constants: dict, shape, *, world: int, num_blocks: int, mode: 
     import bench_common as bc
 
     layers = shape.active_layers * shape.layer_numel
-    fsdp = "e2e" if "e2e" in mode else "sequential"
     if "block-parallel" not in mode:
-        sent = bc.fsdp_bytes_sent(constants[fsdp], layer_params=layers, shared_params=shape.shared_numel,
+        sent = bc.fsdp_bytes_sent(constants[mode_key(mode)], layer_params=layers, shared_params=shape.shared_numel,
                                   group_size=world, param_bytes=param_bytes, reduce_bytes=reduce_bytes)
         return {"within": 0.0, "across": sent, "shared_held": 4 * shape.shared_numel / world, "copies": 1}
     group = world // num_blocks  # the group's FSDP2 units are sequential DB's (same apply_fsdp_to_decoder)
-    within = bc.fsdp_bytes_sent(constants["sequential"], layer_params=layers, shared_params=shape.shared_numel,
+    within = bc.fsdp_bytes_sent(constants[mode_key(SEQ_FROZEN if mode == FROZEN else SEQUENTIAL)], layer_params=layers, shared_params=shape.shared_numel,
                                 group_size=group, param_bytes=param_bytes, reduce_bytes=reduce_bytes)
     across_bytes = 2 if mode == BF16_REDUCE else reduce_bytes
     bucket = constants[mode_key(mode)]["all_reduce/shared/across"] * shape.shared_numel / group * across_bytes
@@ -171,8 +173,8 @@ def computed_comm(constants: dict, shape, *, world: int, num_blocks: int, mode: 
 
 def mode_key(mode: str) -> str:
     """The mode's constants (payload elements, whatever their dtype: the bf16-reduce row's are block-parallel's)."""
-    if mode == FROZEN:
-        return "block-parallel, frozen"
+    if mode in (SEQ_FROZEN, FROZEN):
+        return "sequential, frozen" if mode == SEQ_FROZEN else "block-parallel, frozen"
     return "e2e" if "e2e" in mode else "block-parallel" if "block-parallel" in mode else "sequential"
 
 
@@ -237,10 +239,10 @@ def comm_main(args) -> None:
               "reduce-scatters its gradients in fp32 (titan 0.3.0 accepts only float32 for "
               "`mixed_precision_reduce`): the fp32 rows compare like with like, the bf16-reduce rows halve DB's "
               "cross-group payload alone. The `shared modules frozen` rows are a step after "
-              "`--dblocks.freeze_shared_after F` (the shared modules identical and frozen on every group: no "
-              "cross-group all-reduce; within a group FSDP2 still reduce-scatters their gradients, which are then "
-              "dropped); steps 1 … F send the fp32 rows' bytes, so a run of T steps averages F/T of the fp32 row "
-              "across the groups.", ""]
+              "`--dblocks.freeze_shared_after F`: the shared modules require no gradient, so FSDP2 reduce-scatters "
+              "none of theirs, and block-parallel's groups (identical frozen shared modules on every group) skip "
+              "the cross-group all-reduce; steps 1 … F send the unfrozen rows' bytes, so a run of T steps averages "
+              "F/T of the fp32 row across the groups.", ""]
     rows = []
     for (flavor, world), by_mode in computed.items():
         for mode, row in by_mode.items():

@@ -23,6 +23,13 @@ def weights_at(folder, step: int) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def shared_names() -> set[str]:
+    config = load_toml(CONFIG)
+    config.model_spec.model.update_from_config(config=config)
+    with torch.device("meta"):
+        return {name for name, _ in shared_parameters(config.model_spec.model.build())}
+
+
 @pytest.mark.parametrize("freeze_after", [0, 3])
 def test_frozen_shared_modules_stay_while_the_blocks_train(tmp_path, freeze_after):
     run([PY, "-m", "dblocks_titan.train", "--job.config_file", CONFIG, "--job.dump_folder", str(tmp_path),
@@ -30,17 +37,35 @@ def test_frozen_shared_modules_stay_while_the_blocks_train(tmp_path, freeze_afte
          "--checkpoint.enable", "--checkpoint.interval", "3", "--dblocks.block_schedule", "round_robin",
          "--dblocks.freeze_shared_after", str(freeze_after)])
     before, after = weights_at(tmp_path, 3), weights_at(tmp_path, 8)
-    config = load_toml(CONFIG)
-    config.model_spec.model.update_from_config(config=config)
-    with torch.device("meta"):
-        shared = [name for name, _ in shared_parameters(config.model_spec.model.build())]
-    assert {"tok_embeddings.weight", "lm_head.weight"} <= set(shared)
+    shared = shared_names()
+    assert {"tok_embeddings.weight", "lm_head.weight"} <= shared
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     assert any(name.startswith("layers.") for name in moved)  # the blocks train in both runs
     if freeze_after:
-        assert not moved & set(shared), sorted(moved & set(shared))
+        assert not moved & shared, sorted(moved & shared)
     else:
-        assert {"tok_embeddings.weight", "lm_head.weight"} <= moved, sorted(set(shared) - moved)
+        assert {"tok_embeddings.weight", "lm_head.weight"} <= moved, sorted(shared - moved)
+
+
+def test_frozen_shared_modules_are_neither_differentiated_nor_reduce_scattered(tmp_path):
+    """2 FSDP ranks frozen after step 1: in step 2 no shared parameter holds a gradient, and FSDP2's
+    reduce-scatters carry the gradients of the parameters that hold one (the block's; each padded on dim 0
+    to the world size) and nothing more: computing the shared gradients and dropping them after the
+    backward would add at least the head's ``lm_head.weight`` to them."""
+    import json
+
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/rank_report.py",
+         str(tmp_path), CONFIG, "2", "--validator.no-enable", "--dblocks.freeze_shared_after", "1"],
+        env={"DBLOCKS_COUNT_COMM": "1"})
+    shared = shared_names()
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        records = json.loads((tmp_path / f"comm{rank}.json").read_text())["records"]
+        numel = report["param_numel"]
+        assert report["grad_set"] and not set(report["grad_set"]) & shared, report["grad_set"]
+        with_grad = sum(numel[name] for name in report["grad_set"])
+        scattered = sum(r["numel"] for r in records if r["kind"] == "reduce_scatter")
+        assert with_grad <= scattered < with_grad + numel["lm_head.weight"], (scattered, with_grad)
 
 
 def test_the_shared_lr_scale_scales_the_shared_modules_update_alone(tmp_path):
