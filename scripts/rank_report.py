@@ -3,7 +3,7 @@ as one process), take STEPS optimizer steps, and write per rank r:
 
 - ``<out>/rank<r>.json``: its block (block-parallel), the local bytes of every parameter, of the
   gradients and of the optimizer state, the parameters whose (local shard) moved and those that
-  hold a gradient after the last step;
+  hold a gradient after the last step, and every parameter's learning rate for the next step;
 - ``<out>/shared<r>.pt``: the full values of the shared (non-layer) parameters;
 - ``<out>/grads<r>.pt``: the full gradients of the last step.
 
@@ -133,6 +133,7 @@ def main() -> None:
         nbytes(v) for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
         if isinstance(v, torch.Tensor)
     )
+    lr = {id(p): group["lr"] for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
     rank = int(os.environ.get("RANK", "0"))
     report = {
         "block": getattr(trainer, "own_block", None),
@@ -143,6 +144,7 @@ def main() -> None:
         "changed": [clean(n) for n, p in model.named_parameters()  # (blocks offloaded then or now: not compared)
                     if n in before and resident(p) and not local_tensor(p).equal(before[n])],
         "grad_set": [clean(n) for n, p in model.named_parameters() if p.grad is not None],
+        "lr": {clean(n): lr[id(p)] for n, p in model.named_parameters()},  # its param group's, for the next step
         "offload": trainer.offload.report() if hasattr(trainer, "offload") else None,
         "trace": getattr(trainer, "_trace_path", None),
     }

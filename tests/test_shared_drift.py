@@ -88,6 +88,23 @@ def test_the_shared_lr_scale_scales_the_shared_modules_update_alone(tmp_path):
         assert torch.allclose(p4[name] - p2[name], 2 * (p2[name] - p1[name]), rtol=1e-3, atol=1e-7), name
 
 
+def test_a_changed_shared_lr_scale_takes_over_on_resume(tmp_path):
+    """A run at scale 1 checkpointed at step 2 and resumed to step 4 at scale 4 (the shared modules get their
+    own param group, which the flattened optimizer checkpoint fills per parameter): the checkpoint's
+    learning rates serve the first resumed step, as titan's do for a changed ``optimizer.lr``; after it
+    titan's scheduler sets every group from the new config, so the shared modules' LR is 4× the blocks'."""
+    import json
+
+    common = ["--validator.no-enable", "--checkpoint.enable", "--checkpoint.interval", "2"]
+    run([PY, "scripts/rank_report.py", str(tmp_path), CONFIG, "2", *common])
+    run([PY, "scripts/rank_report.py", str(tmp_path), CONFIG, "4", *common, "--dblocks.shared_lr_scale", "4"])
+    lr = json.loads((tmp_path / "rank0.json").read_text())["lr"]
+    shared = shared_names()
+    assert lr["lm_head.weight"] > 0 and {lr[name] for name in shared} == {lr["lm_head.weight"]}
+    (blocks,) = {lr[name] for name in lr if name not in shared}
+    assert blocks == pytest.approx(lr["lm_head.weight"] / 4, rel=1e-12)
+
+
 @pytest.mark.parametrize("table, error", [
     ("freeze_shared_after = -1", "dblocks.freeze_shared_after = -1: must be an int >= 0 (0: never frozen)"),
     ("shared_lr_scale = 0", "dblocks.shared_lr_scale = 0: must be a finite number > 0"),
