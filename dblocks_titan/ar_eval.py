@@ -7,7 +7,8 @@
    the low-σ levels measure copy-through of a nearly clean target and are easy.
    The sampler CE (:func:`sampler_log_probs`, :func:`mixture_ce`): the likelihood of what the sampler
    draws, teacher-forced, the DB number that compares one-for-one with a baseline's CE (both AR
-   DiffusionBlocks models; for ``dblocks_huginn`` the chain's levels are its K core iterations).
+   DiffusionBlocks models; for ``dblocks_huginn`` the chain's levels are its K core iterations). For
+   the ancestral chain, :func:`kept_draw_ce` bounds the CE of its law without counting hits.
    :class:`ARValidator` logs CE at σ_max and (``dblocks_llama``) the sampler CE during training.
 2. Continuations of held-out prompts (:func:`heldout_windows`, :func:`generate_continuations`).
 3. Their scores under a reference LM (:func:`reference_scores`): summed NLL for the generative
@@ -166,6 +167,18 @@ def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
 
 
+def level_denoiser(model: DBlocksLlama, tokens, positions, sigmas: list[float], blocks: list[int]):
+    """``denoise(z, j)``: the logits of level j (σ_j, by block ``blocks[j]``) for the noisy slots z [B, N, D]
+    over the true clean prefix; through the model's forward, so an FSDP-wrapped model gathers its shared
+    modules."""
+    batch, device = tokens.shape[0], tokens.device
+
+    def denoise(z, j):
+        return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
+
+    return denoise
+
+
 @torch.no_grad()
 def sampler_log_probs(
     model: DBlocksLlama | DBlocksHuginn, tokens, labels, positions, *, samples: int, generator: torch.Generator,
@@ -185,11 +198,8 @@ def sampler_log_probs(
     """
     table = sampling.target_table(model)
     sigmas, blocks = chain.levels(model)
-    batch, device = tokens.shape[0], tokens.device
-
-    def block_denoise(z, j):  # through the model's forward, so an FSDP-wrapped model gathers its shared modules
-        return model(tokens, positions, z=z, sigma=torch.full((batch,), sigmas[j], device=device), block=blocks[j])
-
+    device = tokens.device
+    block_denoise = level_denoiser(model, tokens, positions, sigmas, blocks)
     out = []
     for _ in range(samples):
         z = sampling.initial_noise((*tokens.shape, model.config.dim), model.edm.sigma_max, generator, device)
@@ -306,6 +316,70 @@ def sampler_ce(model: DBlocksLlama | DBlocksHuginn, batches: list, *, samples=(1
             "hit_rate": {f"S={k}": float(hits[i]) / positions_seen for i, k in enumerate(samples)},
             "end_on_truth": ends / (positions_seen * top), "miss_mass": miss_mass / max(misses, 1.0),
             "miss_log_mass": miss_log_mass / max(misses, 1.0)}
+
+
+ANCESTRAL = sampling.Chain(bridge="sample", solver="ancestral")
+
+
+def draws_tokens(chain: sampling.Chain) -> bool:
+    """Whether the chain draws a token at every level from the level's own distribution and restarts the
+    next level from it alone (bridge ``sample`` at temperature 1, solver ``ancestral``): the chains
+    :func:`kept_draw_ce` bounds."""
+    return (chain.bridge, chain.solver, chain.bridge_temperature) == ("sample", "ancestral", 1.0)
+
+
+@torch.no_grad()
+def kept_draw_ce(model: DBlocksLlama, batches: list, *, samples: int = 16, seeds=(0, 1),
+                 chain: sampling.Chain = ANCESTRAL) -> list[dict]:
+    """An upper bound on the CE of the ancestral chain's law that counts no hits, for every level k < N − 1.
+
+    The ancestral chain (bridge ``sample``, solver ``ancestral``, temperature 1) draws x_{j+1} ~ p_j(·|z_j) at
+    level j and restarts level j + 1 from z_{j+1} = ê_{x_{j+1}} + σ_{j+1}·ε (ε fresh); the token is drawn
+    from the last level's p_{N−1}. Its law is q(x) = E[p_{N−1}(x)], and what follows the draw at level k
+    depends on that draw alone, so for every k
+
+        q(x) = E[Σ_y p_k(y|z_k)·R_{k+1}(x|y)] ≥ E[p_k(x|z_k)] · R_{k+1}(x|x),
+
+    R_{k+1}(x|y) = E[p_{N−1}(x) | x_{k+1} = y]: the chain restarted at level k + 1 from the token y. Both
+    factors are estimated by means over S independent chains (S run as usual to level k; S restarted from
+    the true token at level k + 1), so the product is unbiased for the right-hand side and
+    ``bound`` = −log of it is, in expectation, an upper bound on −log q(x) (Jensen) — the sampler's
+    likelihood of the truth through the paths whose level-k draw is the truth. It is tight when the levels
+    below k keep what level k drew (R ≈ 1) and level k's p_k is still uncertain; k = N − 1 would be CE_S
+    itself, the hit count. Per k, the spread over ``seeds``: ``{"level", "sigma", "block", "next_sigma",
+    "through"`` (−log of the first factor, = CE_S of level k), ``"kept"`` (−log R), ``"bound"}``."""
+    if isinstance(model, DBlocksHuginn) or not draws_tokens(chain):
+        raise ValueError("kept_draw_ce needs an AR DiffusionBlocks model and the ancestral chain (bridge sample, "
+                         f"solver ancestral, temperature 1), got {type(model).__name__} with {chain}.")
+    device = next(model.parameters()).device
+    table = sampling.target_table(model)
+    sigmas, blocks = chain.levels(model)
+    last = len(sigmas) - 1
+    per_seed = []
+    for seed in seeds:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sums = torch.zeros(last, 2, dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            tokens, positions, labels = _batch_tensors(batch, device)
+            valid = labels != IGNORE_INDEX
+            levels = sampler_log_probs(model, tokens, labels, positions, samples=samples, generator=generator,
+                                       chain=chain, every_level=True)
+            denoise, truth = level_denoiser(model, tokens, positions, sigmas, blocks), table[labels.clamp_min(0)]
+            for k in range(last):
+                restarted = []
+                for _ in range(samples):
+                    z = truth + sigmas[k + 1] * torch.randn(truth.shape, generator=generator, device=device)
+                    logits = sampling.run_chain(lambda z, j: denoise(z, k + 1 + j), z, sigmas[k + 1:], table=table,
+                                                chain=chain, generator=generator)
+                    restarted.append(label_log_probs(logits, labels))
+                sums[k, 0] += mixture_ce(levels[k].double(), valid, samples).cpu()
+                sums[k, 1] += mixture_ce(torch.stack(restarted).double(), valid, samples).cpu()
+            count += int(valid.sum())
+        per_seed.append((sums / count).tolist())
+    return [{"level": k, "sigma": sigmas[k], "block": blocks[k], "next_sigma": sigmas[k + 1],
+             "through": _spread([s[k][0] for s in per_seed]), "kept": _spread([s[k][1] for s in per_seed]),
+             "bound": _spread([s[k][0] + s[k][1] for s in per_seed])} for k in range(last)]
 
 
 def sharp_end_ce(log_q: torch.Tensor, valid: torch.Tensor, samples: int, miss_mass: float) -> torch.Tensor:

@@ -26,6 +26,9 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
    ``sampler_ce_sharp_reference``: the hit rate of a sampler that draws exactly from the reference's
    next-token distribution, and the CE_S it would score ending as sharp as this chain (``ce_low`` …
    ``ce_high``, :func:`dblocks_titan.ar_eval.sharp_end_reference`): what S finite costs a perfect sampler.
+   With the ancestral chain (``--eval.solver ancestral --eval.bridge sample``), ``sampler_ce_kept_draw``:
+   for every level k, an upper bound (in expectation) on the CE of the chain's law that counts no hits,
+   −log E[p_k(x)] − log R_{k+1}(x|x) (:func:`dblocks_titan.ar_eval.kept_draw_ce`).
 3. Generation (skipped with ``--eval.prompts 0``): the held-out stream is cut into windows of
    ``prompt_len + new_tokens`` tokens; the first ``--eval.prompts`` windows give a prompt and its true
    continuation; :func:`dblocks_titan.sampling.generate` draws ``--eval.continuations`` continuations
@@ -67,8 +70,10 @@ from torchtitan.components.checkpoint import DATALOADER, LR_SCHEDULER, OPTIMIZER
 from torchtitan.tools.logging import init_logger
 
 from dblocks_titan.ar_eval import (
+    draws_tokens,
     generate_continuations,
     heldout_windows,
+    kept_draw_ce,
     reference_scores,
     sampler_ce,
     sharp_end_reference,
@@ -356,6 +361,9 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
             out["ce_sigma_max"] = sigma_max_ce(model, batches, draws=opts.ce_draws, seed=opts.seed)
         out["sampler_ce"] = sampler_ce(model, batches, samples=samples, seeds=(opts.seed, opts.seed + 1),
                                        chain=chain(opts))
+        if isinstance(model, DBlocksLlama) and draws_tokens(chain(opts)):
+            out["sampler_ce_kept_draw"] = kept_draw_ce(model, batches, samples=max(samples),
+                                                       seeds=(opts.seed, opts.seed + 1), chain=chain(opts))
     reference = None
     if plan.reference is not None and (opts.prompts or isinstance(model, DB_AR)):  # gen-ppl/MAUVE; sharp-end CE
         plan.reference.model_spec.model.update_from_config(config=plan.reference)

@@ -12,7 +12,8 @@ the first ``--batches`` held-out batches:
 
 - sampler CE CE_S = −log((1/S) Σ_s p_s(x)) for S = 1, 4, 16 (teacher-forced, two seeds;
   :func:`dblocks_titan.ar_eval.sampler_ce`), and the CE_S of every level of the chain (one seed) —
-  the sampler stopped at that level;
+  the sampler stopped at that level; for the ancestral chains also the kept-draw bound on the CE of
+  their law (:func:`dblocks_titan.ar_eval.kept_draw_ce`, every level);
 - samples: ``--prompts`` held-out prompts of 32 tokens, one 50-token continuation each at
   temperature 1, scored by the ``--reference`` run (a titan llama3 checkpoint: gen-ppl) and by their
   unigram entropy beside the held-out continuations' (and the reference's own samples').
@@ -105,6 +106,21 @@ def write_report(out: dict, args, path: Path) -> None:
         for j, row in enumerate(r["per_level"]):
             lines.append(f"| {name} | {j} | {row['sigma']:.4g} | {row['block']} | "
                          + " | ".join(f"{row[f'S={k}']:.3f}" for k in (1, 4, 16)) + " |")
+    kept = {name: r["kept_draw"] for name, r in out["chains"].items() if "kept_draw" in r}
+    if kept:
+        lines += ["", "## The ancestral chains' law, bounded without counting hits", "",
+                  "`ar_eval.kept_draw_ce`, S = 16, two seeds: for each level k, q(x) ≥ E[p_k(x|z_k)]·R_{k+1}(x|x), "
+                  "where R_{k+1}(x|x) is the chance that the chain restarted at level k + 1 from the true token ends "
+                  "on it. So −log E[p_k(x)] − log R (each estimated by 16 chains) bounds the CE of what the chain draws "
+                  "from above, in expectation, at every k. The bound is tight where the levels below k keep what k "
+                  "drew (−log R ≈ 0) and p_k is still uncertain.", "",
+                  "| chain | level k | σ_k | block | σ_{k+1} | −log E p_k(x) | −log R_{k+1}(x\\|x) | bound |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, rows in kept.items():
+            for row in rows:
+                lines.append(f"| {name} | {row['level']} | {row['sigma']:.4g} | {row['block']} | {row['next_sigma']:.4g} | "
+                             f"{row['through']['mean']:.3f} | {row['kept']['mean']:.3f} | "
+                             f"{row['bound']['mean']:.3f} ± {row['bound']['std']:.3f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -153,6 +169,8 @@ def main() -> None:
             "per_level": ar_eval.sampler_ce_per_level(model, batches, samples=(1, 4, 16), chain=chain),
             "samples": sample_scores(model, reference, prompts, seed=0, chain=chain),
         }
+        if ar_eval.draws_tokens(chain):
+            out["chains"][name]["kept_draw"] = ar_eval.kept_draw_ce(model, batches, samples=16, seeds=(0, 1), chain=chain)
         print(f"{name}: {json.dumps(out['chains'][name]['sampler_ce'])[:200]} ({time.time() - start:.0f} s)", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps(out, indent=1))

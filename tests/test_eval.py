@@ -183,6 +183,19 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert 0 < result["generation/mauve"] <= 1 and 0 <= result["generation/mauve_std"] < 0.5
     assert result["eval_options"]["mauve_clusterings"] == 10
     assert len(result["generation/examples"]) == 3 and result["eval_options"]["num_levels"] == 4
+    assert "sampler_ce_kept_draw" not in result  # the paper's chain draws no tokens
+
+    # the ancestral chain: its law's kept-draw bound at levels 0..2 (level 0's first factor is CE_4 at σ_max)
+    run([PY, "-m", "dblocks_titan.eval", "--job.config_file", "train_configs/debug_dblocks.toml", "--dump_folder",
+         str(db), "--eval.prompts", "0", "--eval.solver", "ancestral", "--eval.bridge", "sample",
+         "--eval.sampler_samples", "4", "--eval.ce_draws", "1"])
+    ancestral = json.loads((db / "checkpoint" / "eval_step40.json").read_text())
+    kept = ancestral["sampler_ce_kept_draw"]
+    assert [row["level"] for row in kept] == [0, 1, 2] and [row["block"] for row in kept] == [0, 1, 2]
+    for row in kept:
+        assert 0 < row["through"]["mean"] < 100 and row["kept"]["mean"] >= 0
+        assert row["bound"]["mean"] == pytest.approx(row["through"]["mean"] + row["kept"]["mean"])
+    assert kept[0]["through"]["mean"] < result["ce_sigma_max"]["mean"] + 0.05 < log_v
 
     # the unsharded copy the AR metrics run holds exactly the checkpoint's weights (titan's fused wqkv included)
     import torch.distributed.checkpoint as dcp

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import dblocks_titan  # noqa: F401
-from dblocks_titan.ar_eval import mixture_ce, sampler_log_probs
+from dblocks_titan.ar_eval import ANCESTRAL, kept_draw_ce, mixture_ce, sampler_ce, sampler_log_probs
 from dblocks_titan.diffusion import EDMConfig
 from dblocks_titan.sampling import Chain, dblocks_generate
 
@@ -101,3 +101,27 @@ def test_sampler_ce_of_the_oracle_approaches_the_laws_ce():
     entropy = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
     assert ce[1] > ce[4] > ce[64] and ce[1] > 2 * entropy
     assert abs(ce[64] - entropy) < 0.05
+
+
+def uniform_prior(tokens):
+    """Whatever the context: each of the V tokens with probability 1/V."""
+    return torch.zeros(*tokens.shape, VOCAB)
+
+
+def test_the_kept_draw_bound_scores_the_ancestral_chains_law_without_counting_hits():
+    """Labels from the uniform law over V = 16 tokens (H = log 16 = 2.773 nats), the oracle's ancestral chain
+    (exact in law). Its chains end sure of one token, so CE_16 counts hits: a position none of 16 chains
+    hits costs thousands of nats. :func:`kept_draw_ce` bounds −log q(x) from above in expectation at every
+    level k; at k = 1 (σ = 0.5: the levels below keep what level 1 drew) it is within 0.3 of H, and no level
+    goes below H by more than the estimate's noise. Other chains are an error."""
+    model = Oracle(uniform_prior)
+    labels = torch.randint(0, VOCAB, (4, 100), generator=torch.Generator().manual_seed(3))
+    batches = [({"input": torch.zeros_like(labels), "positions": torch.zeros_like(labels)}, labels)]
+    entropy = math.log(VOCAB)
+    levels = kept_draw_ce(model, batches, samples=16)
+    assert [row["level"] for row in levels] == [0, 1, 2] and levels[1]["sigma"] == pytest.approx(0.505, abs=0.01)
+    assert all(row["bound"]["mean"] > entropy - 0.1 for row in levels)
+    assert levels[1]["bound"]["mean"] < entropy + 0.3 and levels[1]["kept"]["mean"] < 0.05
+    assert sampler_ce(model, batches, samples=(16,), chain=ANCESTRAL)["S=16"]["mean"] > 100 * entropy
+    with pytest.raises(ValueError, match="ancestral chain"):
+        kept_draw_ce(model, batches, chain=Chain())
