@@ -535,7 +535,11 @@ class ARValidator(Validator):
         unigram_tokens: int = 5_000_000
         """Training-split labels counted for the unigram CE (0: no unigram CE)."""
         unigram_dataset: str = ""
-        """Training split of the unigram model ("": the validation dataset's name without _validation)."""
+        """Training split of the unigram model ("": the validation dataset's name without _validation, at the
+        validator's path; for ``text_validation``, a held-out corpus with no training split of its own, the
+        run's training dataset, filled in by :func:`dblocks_titan.inputs.check_inputs`)."""
+        unigram_dataset_path: str = ""
+        """Path of ``unigram_dataset`` ("": that dataset's default path)."""
 
     def __init__(self, config: Config, **kwargs):
         super().__init__(config, **kwargs)
@@ -547,7 +551,8 @@ class ARValidator(Validator):
         if cfg.unigram_tokens and self._unigram is None:
             loader = cfg.dataloader
             name = cfg.unigram_dataset or loader.dataset.removesuffix("_validation")
-            self._unigram = unigram_model(name, loader.dataset_path, self.tokenizer, cfg.unigram_tokens)
+            path = cfg.unigram_dataset_path if cfg.unigram_dataset else loader.dataset_path
+            self._unigram = unigram_model(name, path or None, self.tokenizer, cfg.unigram_tokens)
         return self._unigram
 
     @torch.no_grad()

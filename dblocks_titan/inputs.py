@@ -11,6 +11,9 @@ where its value came from (:class:`Sources`: the TOML file or the flag), the bad
 3. settings that must agree (DiffusionBlocks: blocks divide the layers, block-parallel combinations, ...);
 4. files: the tokenizer loads and fits the model's vocabulary, every dataset the run reads loads, holds
    records and at least one sequence, and a checkpoint it resumes from is complete and fits its model.
+
+Its one change to the config: a held-out corpus of the user's (``text_validation``) takes its unigram
+baseline from the run's training data (:func:`fill_unigram_source`).
 """
 
 from __future__ import annotations
@@ -388,11 +391,26 @@ def check_tokenizer(config: Any):
     return tokenizer
 
 
+def fill_unigram_source(config: Any) -> None:
+    """A held-out corpus of the user's (``--validator.dataloader.dataset text_validation``) has no training
+    split of its own: unless ``--validator.unigram_dataset`` names one, its unigram CE comes from the run's
+    training data (``--dataloader.dataset``/``dataset_path``), the frequencies the model could have learnt."""
+    validator = config.validator
+    if (getattr(validator, "unigram_dataset", None) == "" and validator.dataloader.dataset == "text_validation"
+            and isinstance(config.dataloader, HuggingFaceTextDataLoader.Config)):
+        validator.unigram_dataset = config.dataloader.dataset
+        validator.unigram_dataset_path = config.dataloader.dataset_path or ""
+
+
 def check_data(config: Any, tokenizer) -> None:
-    """Every dataset the run reads (training, and validation when on) loads and holds a sequence."""
+    """Every dataset the run reads (training, validation when on, and the validator's unigram model's)
+    loads and holds a sequence."""
     loaders = [("--dataloader", config.dataloader)]
     if config.validator.enable:
         loaders.append(("--validator.dataloader", config.validator.dataloader))
+        if getattr(config.validator, "unigram_dataset", "") and config.validator.unigram_tokens:
+            check_dataset(config.validator.unigram_dataset, config.validator.unigram_dataset_path or None,
+                          flag="--validator.unigram_dataset")
     seq_len = config.training.seq_len
     for flag, loader in loaders:
         if isinstance(config.tokenizer, CharTokenizer.Config) and not isinstance(loader, Text8DataLoader.Config):
@@ -403,7 +421,8 @@ def check_data(config: Any, tokenizer) -> None:
         if isinstance(loader, Text8DataLoader.Config):
             loader.check(seq_len=seq_len, flag=flag)
         elif isinstance(loader, HuggingFaceTextDataLoader.Config):
-            check_dataset(loader.dataset, loader.dataset_path, tokenizer=tokenizer, seq_len=seq_len, flag=flag)
+            check_dataset(loader.dataset, loader.dataset_path, tokenizer=tokenizer, seq_len=seq_len,
+                          flag=f"{flag}.dataset")
         elif hasattr(loader, "check"):
             loader.check()
 
@@ -412,6 +431,7 @@ def check_inputs(config: Any, sources: Sources | None = None) -> None:
     """The whole pass (see the module docstring). ``sources`` default: the flags of this process's argv."""
     sources = sources or Sources(flag_keys(sys.argv[1:]))
     check_values(config, sources)
+    fill_unigram_source(config)
     try:
         check_data(config, check_tokenizer(config))
         check_resume(config)

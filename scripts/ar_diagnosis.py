@@ -108,6 +108,8 @@ RUNS = [
     Run("db_norm_twice", "default, but the final norm twice", model={"readout_norm": "twice"}),
     Run("db_cond_full", "default, but a full-width conditioning vector (cond_dim 128)", model={"cond_dim": 128}),
     Run("db_single", "default, with adaLN-single", model={"adaln": "single"}),
+    Run("db_single_full", "default, with adaLN-single and a full-width conditioning vector (cond_dim 128)",
+        model={"adaln": "single", "cond_dim": 128}),
     Run("db_gate1", "default, gates start at 1", model={"gate_init": 1.0}),
     Run("db_clean_min", "default, clean half conditioned at σ_min", model={"clean_cond": "sigma_min"}),
     Run("db_depth_block", "default, per-block depth init", model={"depth_init": "per_block"}),

@@ -53,7 +53,7 @@ DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3 for i
 def test_registered_idempotently():
     register_datasets()
     register_datasets()
-    for name in ("shakespeare", "owt", "lm1b"):
+    for name in ("shakespeare", "owt", "lm1b", "text"):
         assert name in DATASETS and f"{name}_validation" in DATASETS
     assert DATASETS["shakespeare"].path == dd.SHAKESPEARE_PATH
 
@@ -141,6 +141,23 @@ def test_lm1b_file_glob_and_release_dir(tmp_path, hf_tok):
     assert dd.load_lm1b(str(root), "validation")["text"] == sentences[200:]
     x = next(iter(_loader(hf_tok, "lm1b_validation", str(root), seq_len=8)))[0]["input"]
     assert hf_tok.decode(x[0].tolist()).startswith("Sentence number 200")
+
+
+def test_a_text_corpus_is_its_own_split_whole(tmp_path, hf_tok):
+    """``text``/``text_validation``: every document of the path in both splits; a plain file is one
+    document, verbatim (blank lines kept); each line of a .jsonl(.gz) one document."""
+    book = "CHAPTER I.\n\nIt was a dark and stormy night.\n\n  The rain fell in torrents.\n" * 40
+    (tmp_path / "a_book.txt").write_text(book)
+    _write_owt(tmp_path / "b_docs.jsonl.gz", DOCS[:3])
+    for split in ("train", "validation"):
+        assert dd.load_text(str(tmp_path / "*"), split)["text"] == [book, *DOCS[:3]]
+    x = next(iter(_loader(hf_tok, "text_validation", str(tmp_path / "a_book.txt"), seq_len=16, batch=1)))[0]["input"]
+    assert hf_tok.decode(x[0].tolist()).startswith("CHAPTER I.\n\nIt was a dark")
+    with pytest.raises(ValueError, match=r"dataset 'text_validation' needs --dataloader.dataset_path pointing at text"):
+        _loader(hf_tok, "text_validation")
+    (tmp_path / "c_bad.jsonl").write_text('{"text": "ok"}\n{"title": 1}\n')
+    with pytest.raises(dd.RecordError, match=r"c_bad\.jsonl line 2 is not a record with string field\(s\) 'text'"):
+        dd.load_text(str(tmp_path / "c_bad.jsonl"), "train")
 
 
 def test_missing_paths_give_clear_errors(tmp_path, hf_tok):

@@ -326,6 +326,24 @@ def test_the_dataloader_itself_raises_the_named_error_not_datasets_wrapper(tmp_p
         DATASETS["owt"].loader(str(path))
 
 
+def test_a_held_out_corpus_takes_its_unigram_from_the_training_data(tmp_path):
+    """``text_validation`` has no training split: the unigram baseline is the run's training dataset's,
+    unless the user names one; a named one that cannot load is a one-line error before anything runs."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("It was the best of times, it was the worst of times.\n" * 50)
+    config = load_toml(DEBUG)
+    config.validator.dataloader.dataset, config.validator.dataloader.dataset_path = "text_validation", str(held_out)
+    check_inputs(config)
+    assert (config.validator.unigram_dataset, config.validator.unigram_dataset_path) == ("shakespeare", "")
+    config = load_toml(DEBUG)
+    config.validator.dataloader.dataset, config.validator.dataloader.dataset_path = "text_validation", str(held_out)
+    config.validator.unigram_dataset, config.validator.unigram_dataset_path = "lm1b", str(held_out)
+    check_inputs(config)
+    assert (config.validator.unigram_dataset, config.validator.unigram_dataset_path) == ("lm1b", str(held_out))
+    config.validator.unigram_dataset_path = str(tmp_path / "none.txt")
+    assert error_of(check_inputs, config).endswith("point --validator.unigram_dataset_path at an existing file")
+
+
 def text8_config(path: Path, dataset: str = "text8", seq_len: int = 256):
     config = load_toml(TRAIN_CONFIGS / "debug_dblocks_mdlm.toml")
     config.dataloader.dataset, config.dataloader.dataset_path = dataset, str(path)

@@ -11,6 +11,10 @@ Name (``--dataloader.dataset``) and what ``--dataloader.dataset_path`` means:
 - ``lm1b`` / ``lm1b_validation``: LM1B-style plain text, one sentence (= one document) per line (required).
   A directory is the LM1B release root and uses its own split (:data:`LM1B_SPLIT_GLOBS`); a file or glob
   holds out its last :data:`LM1B_VALIDATION_FRACTION` of sentences for validation.
+- ``text`` / ``text_validation``: a corpus of your own, the whole path being the split (required): each plain
+  text file is one document, each line of a ``.jsonl`` file one ``{"text": ...}`` document. Point the
+  validator at a held-out corpus with ``--validator.dataloader.dataset text_validation
+  --validator.dataloader.dataset_path held_out.txt`` (``--validator.steps -1``: all of it).
 
 Every path may be local, a glob or an fsspec URL (``file://``, ``https://``, ``s3://`` with s3fs installed);
 ``.gz``/``.xz``/``.bz2`` (and ``.zst`` with ``zstandard`` installed) are decompressed by suffix. Files are
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -75,15 +80,24 @@ class RecordError(ValueError):
 
 def numbered_lines(urlpath: str, dataset: str) -> Iterator[tuple[str, int, str]]:
     """(file, line number from 1, line without its newline) of every non-blank line of the files at
-    ``urlpath``; the one reader of this module."""
+    ``urlpath``."""
     for f in _open_files(urlpath, dataset):
-        try:
-            with f as lines:
-                for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        yield f.path, number, line.rstrip("\r\n")
-        except UnicodeDecodeError as e:
-            raise RecordError(f"dataset {dataset!r}: {f.path} is not UTF-8 text (bad byte at offset {e.start})") from None
+        yield from _file_lines(f, dataset)
+
+
+def _file_lines(f: fsspec.core.OpenFile, dataset: str) -> Iterator[tuple[str, int, str]]:
+    """:func:`numbered_lines` of one opened file: the one line reader of this module."""
+    try:
+        with f as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield f.path, number, line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(f, dataset, e) from None
+
+
+def _not_utf8(f: fsspec.core.OpenFile, dataset: str, e: UnicodeDecodeError) -> RecordError:
+    return RecordError(f"dataset {dataset!r}: {f.path} is not UTF-8 text (bad byte at offset {e.start})")
 
 
 def iter_lines(urlpath: str, dataset: str) -> Iterator[str]:
@@ -95,15 +109,18 @@ def json_records(urlpath: str, dataset: str, needs: tuple[str, ...] = ("text",))
     """Every line of the files at ``urlpath`` as a JSON object with the keys ``needs`` (a string each);
     a line that is not one is a :class:`RecordError` naming the file and the line."""
     for path, number, line in numbered_lines(urlpath, dataset):
-        where = f"dataset {dataset!r}: {path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{where} is not JSON ({e.msg} at column {e.colno}): each line must be one "
-                              f"{{{', '.join(f'{k!r}: ...' for k in needs)}}} record") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in needs):
-            raise RecordError(f"{where} is not a record with string field(s) {', '.join(map(repr, needs))}")
-        yield record
+        yield _json_record(f"dataset {dataset!r}: {path} line {number}", line, needs)
+
+
+def _json_record(where: str, line: str, needs: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where} is not JSON ({e.msg} at column {e.colno}): each line must be one "
+                          f"{{{', '.join(f'{k!r}: ...' for k in needs)}}} record") from None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in needs):
+        raise RecordError(f"{where} is not a record with string field(s) {', '.join(map(repr, needs))}")
+    return record
 
 
 def _records(urlpath: str, dataset: str, parse: Callable[[str, str], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
@@ -124,6 +141,29 @@ def _owt_records(urlpath: str, dataset: str) -> Iterator[dict[str, str]]:
 
 def _lm1b_records(urlpath: str, dataset: str) -> Iterator[dict[str, str]]:
     return ({"text": line} for line in iter_lines(urlpath, dataset))
+
+
+def _is_jsonl(path: str) -> bool:
+    stem, suffix = posixpath.splitext(path)
+    if suffix[1:] in fsspec.utils.compressions:  # .jsonl.gz and the like
+        stem, suffix = posixpath.splitext(stem)
+    return suffix == ".jsonl"
+
+
+def _text_records(urlpath: str, dataset: str) -> Iterator[dict[str, str]]:
+    """Each plain text file as one document; each line of a ``.jsonl`` file as one ``{"text"}`` document."""
+    for f in _open_files(urlpath, dataset):
+        if _is_jsonl(f.path):
+            for path, number, line in _file_lines(f, dataset):
+                yield {"text": _json_record(f"dataset {dataset!r}: {path} line {number}", line, ("text",))["text"]}
+            continue
+        try:
+            with f as file:
+                text = file.read()
+        except UnicodeDecodeError as e:
+            raise _not_utf8(f, dataset, e) from None
+        if text.strip():
+            yield {"text": text}
 
 
 def _arrow(urlpath: str, dataset: str, parse: Callable[[str, str], Iterator[dict[str, Any]]]) -> Dataset:
@@ -183,31 +223,38 @@ def load_lm1b(path: str, split: str) -> Dataset:
     return _tail_split(_arrow(path, name, _lm1b_records), split, LM1B_VALIDATION_FRACTION, None, name)
 
 
-OWN = ("shakespeare", "owt", "lm1b")
+def load_text(path: str, split: str) -> Dataset:
+    """Every document of ``path`` (both splits: a split is the files it is given)."""
+    name = "text" if split == "train" else "text_validation"
+    _require(path, name, "text files (one document each) or .jsonl files of {\"text\": ...} documents")
+    return _arrow(path, name, _text_records)
+
+
+OWN = ("shakespeare", "owt", "lm1b", "text")
 """The datasets this module registers (each with its ``_validation`` split)."""
 
 
-def check_dataset(name: str, path: str | None, *, tokenizer=None, seq_len: int = 1, flag: str = "--dataloader") -> None:
-    """Fail fast on a dataset that cannot load, each a one-line error naming ``flag`` (``--dataloader`` or
-    ``--validator.dataloader``): unknown name, missing required path, no file; and for this module's
-    datasets, a bad record (file and line), an empty split, or (with ``tokenizer``) a split shorter than
+def check_dataset(name: str, path: str | None, *, tokenizer=None, seq_len: int = 1, flag: str = "--dataloader.dataset") -> None:
+    """Fail fast on a dataset that cannot load, each a one-line error naming ``flag`` (the flag of the
+    name, e.g. ``--validator.dataloader.dataset``) or ``flag`` + ``_path`` (of the path): unknown name,
+    missing required path, no file; and for this module's datasets, a bad record (file and line), an empty split, or (with ``tokenizer``) a split shorter than
     one sequence of ``seq_len`` tokens. Loading builds the Arrow cache the dataloader then reuses."""
     if name not in DATASETS:
-        raise ValueError(f"unknown {flag}.dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown {flag} {name!r}; choose one of {sorted(DATASETS)}")
     path = path or DATASETS[name].path
     own = name.removesuffix("_validation") in OWN
     if own and not path:
-        raise ValueError(f"dataset {name!r} needs {flag}.dataset_path pointing at its data files")
+        raise ValueError(f"dataset {name!r} needs {flag}_path pointing at its data files")
     if path and not (own and name.startswith("lm1b") and fsspec.core.url_to_fs(path)[0].isdir(path)):
-        _open_files(path, name, f"{flag}.dataset_path")
+        _open_files(path, name, f"{flag}_path")
     if not own:
         return
     try:
         ds = DATASETS[name].loader(path)
     except ValueError as e:
-        raise ValueError(f"{e} ({flag}.dataset_path)") from None
+        raise ValueError(f"{e} ({flag}_path)") from None
     if len(ds) == 0:
-        raise ValueError(f"dataset {name!r} at {path!r} has an empty split: no documents ({flag}.dataset_path)")
+        raise ValueError(f"dataset {name!r} at {path!r} has an empty split: no documents ({flag}_path)")
     if tokenizer is not None:
         tokens = 0  # titan's text dataset: each document gives len(encode(text, bos, eos)) - 1 positions
         for sample in ds:
@@ -216,7 +263,7 @@ def check_dataset(name: str, path: str | None, *, tokenizer=None, seq_len: int =
                 return
         raise ValueError(f"dataset {name!r} at {path!r} holds {tokens} tokens, fewer than one sequence of "
                          f"training.seq_len = {seq_len}: lower --training.seq_len or use more data "
-                         f"({flag}.dataset_path)")
+                         f"({flag}_path)")
 
 
 def dataset_texts(name: str, path: str | None) -> Iterator[str]:
@@ -238,11 +285,12 @@ def _text(sample: dict[str, Any]) -> str:
 
 
 def register_datasets() -> None:
-    """Add (or re-add: idempotent) the six datasets above to torchtitan's DATASETS registry."""
+    """Add (or re-add: idempotent) the eight datasets above to torchtitan's DATASETS registry."""
     for name, loader, default_path in [
         ("shakespeare", load_shakespeare, SHAKESPEARE_PATH),
         ("owt", load_owt, ""),
         ("lm1b", load_lm1b, ""),
+        ("text", load_text, ""),
     ]:
         for suffix, split in [("", "train"), ("_validation", "validation")]:
             DATASETS[name + suffix] = DatasetConfig(
