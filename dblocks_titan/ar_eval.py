@@ -545,14 +545,18 @@ class ARValidator(Validator):
         super().__init__(config, **kwargs)
         self._unigram: torch.Tensor | None = None
 
+    def unigram_source(self) -> tuple[str, str | None]:
+        """(training split, its path or None for the default) the unigram model counts."""
+        cfg, loader = self.config, self.config.dataloader
+        if cfg.unigram_dataset:
+            return cfg.unigram_dataset, cfg.unigram_dataset_path or None
+        return loader.dataset.removesuffix("_validation"), loader.dataset_path or None
+
     def unigram(self) -> torch.Tensor | None:
         """log p [V] of the unigram model (built once), or None when ``unigram_tokens`` is 0."""
         cfg = self.config
         if cfg.unigram_tokens and self._unigram is None:
-            loader = cfg.dataloader
-            name = cfg.unigram_dataset or loader.dataset.removesuffix("_validation")
-            path = cfg.unigram_dataset_path if cfg.unigram_dataset else loader.dataset_path
-            self._unigram = unigram_model(name, path or None, self.tokenizer, cfg.unigram_tokens)
+            self._unigram = unigram_model(*self.unigram_source(), self.tokenizer, cfg.unigram_tokens)
         return self._unigram
 
     @torch.no_grad()

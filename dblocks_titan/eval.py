@@ -13,7 +13,8 @@ of the checkpoint's model (:mod:`dblocks_titan.ar_eval`):
 
 1. ``ce``, ``perplexity``: the validator's CE and exp(CE). For DiffusionBlocks it is CE at σ_max
    through block 0, the number comparable with the baseline's CE (METHOD.md §6). ``unigram_ce``: the
-   validator's unigram model on the same batches (the trivial baseline beside every CE).
+   validator's unigram model on the same batches (the trivial baseline beside every CE), counted on the
+   training split ``unigram_source``.
 2. DiffusionBlocks only, on the validator's first ``--validator.steps`` batches with seeded noise:
    ``ce_per_level`` at ``sigma_levels`` = ``inference_sigmas(N)`` (N = ``--eval.num_levels``, default
    B; ``dblocks_huginn``: its K sampler levels), level j run by block ``level_blocks[j]``; ``ce_per_block``:
@@ -354,6 +355,8 @@ def ar_metrics(trainer, config, step_dir: str, ce: float, plan: ARPlan, opts: Ev
     unigram = trainer.validator.unigram()
     if unigram is not None:
         out["unigram_ce"] = unigram_ce(unigram, batches)
+        name, path = trainer.validator.unigram_source()
+        out["unigram_source"] = f"{name} at {path}" if path else f"{name} (its default path)"
     samples = [int(k) for k in opts.sampler_samples.split(",")]
     if isinstance(model, DB_AR):
         out.update(sigma_ce(model, batches, num_levels=opts.num_levels, seed=opts.seed))

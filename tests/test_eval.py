@@ -164,6 +164,7 @@ def test_eval_of_a_db_run_scored_by_its_baseline(tmp_path, monkeypatch):
     assert result["step"] == 40 and result["model"] == "dblocks_llama"
     assert result["ce"] < log_v - 0.5 and result["perplexity"] == pytest.approx(math.exp(result["ce"]))
     assert result["unigram_ce"] == pytest.approx(6.5016, abs=1e-3)  # the validator's one batch
+    assert result["unigram_source"] == "shakespeare (its default path)"
     assert result["ce_sigma_max"]["mean"] == pytest.approx(result["ce"], abs=0.05) and result["ce_sigma_max"]["std"] > 0
     assert result["sampler_ce"]["S=1"]["mean"] >= result["sampler_ce"]["S=4"]["mean"] >= result["sampler_ce"]["S=16"]["mean"]
     assert abs(result["sampler_ce"]["S=16"]["mean"] - log_v) > 0.2
