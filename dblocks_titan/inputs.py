@@ -321,6 +321,17 @@ def check_dblocks(config: Any, sources: Sources) -> None:
                                "block, which trains at every step")
         logger.warning("dblocks.offload_optimizer is deprecated: write dblocks.offload = 'optimizer'")
         db.offload, db.offload_optimizer = "optimizer", False
+    if db.block_step == "host":
+        if db.offload != "block":
+            raise sources.fail("dblocks.block_step", "host", f"'device' with dblocks.offload = {db.offload!r}: the "
+                               "optimizer step moves to the host with the blocks' parameters (offload = 'block')")
+        for i, group in enumerate(config.optimizer.param_groups):
+            if group.optimizer_name not in ("Adam", "AdamW"):
+                name_key = "optimizer.name" if i == 0 else f"optimizer.param_groups.{i}.optimizer_name"
+                raise sources.fail(name_key, group.optimizer_name, "'Adam' or 'AdamW' with dblocks.block_step = 'host'")
+        if config.optimizer.implementation == "fused_opt_states_bf16":
+            raise sources.fail("optimizer.implementation", "fused_opt_states_bf16",
+                               "'fused', 'foreach' or 'for-loop' with dblocks.block_step = 'host'")
     if config.training.enable_cpu_offload and db.offload != "none":
         raise sources.fail("dblocks.offload", db.offload,
                            "'none' with training.enable_cpu_offload: titan's CPU offload already keeps every block's "

@@ -11,6 +11,16 @@
   without FSDP it is the plain parameter's storage. Emptying and refilling that storage is all
   FSDP needs: its tensors, bookkeeping and the optimizer's references stay as they are.
 
+``dblocks.block_step`` (``offload = "block"`` only) says where the training block's optimizer step runs:
+
+- ``"device"`` (default): its AdamW state is copied in with it and written back with it at every switch
+  (parameters + AdamW state, 12 bytes per fp32 parameter each way; nothing moves while a block repeats).
+- ``"host"``: its AdamW state never leaves the host. Each step copies the block's gradients out
+  (4 bytes per parameter) and AdamW steps the block there, on the host copies (titan's CPU offload does
+  the same for every parameter); the updated parameters come back in for the next step (4 bytes per
+  parameter), prefetched like a new block's. The device holds the step's block's parameters and
+  gradients and never its AdamW state.
+
 The shared modules (embeddings, head, time embedder, final adaLN, norm) train at every step and stay
 resident; so do the ``step`` counters (scalars).
 
@@ -54,7 +64,14 @@ How :class:`BlockOffload` does it:
    written back. :meth:`checkpoint_io` wraps a save or load: in-flight copies finish first, and after
    an asynchronous save the next eviction (which overwrites host copies DCP may still be staging from,
    or frees storage it reads) waits for titan's staging (``checkpointer.maybe_wait_for_staging``).
-5. :meth:`report`: device-resident and host bytes by kind, the resident blocks, the bytes moved each
+5. ``block_step = "host"``: the optimizer's step pre-hook copies the block's gradient shards to the host
+   (the side stream, after the backward and titan's clip) and takes them from the device optimizer, which
+   then steps only the shared modules; its step post-hook waits for the copies and runs an optimizer of the
+   same class, with the same param-group hyperparameters (LR of this step, betas, weight decay, fused or
+   foreach), over views of the host copies: parameters, AdamW state and the ``step`` counters of the
+   device optimizer's own state, so checkpoints and resumes see one optimizer as ever. On exit the stale
+   device copy is freed without a write-back and the next step's block (the same one too) comes in.
+6. :meth:`report`: device-resident and host bytes by kind, the resident blocks, the bytes moved each
    way so far, and the peak of the device bytes since :meth:`reset_peak` (for tests and benchmarks).
 """
 
@@ -79,6 +96,8 @@ OffloadMode = Literal["none", "optimizer", "block"]
 OFFLOAD_MODES = get_args(OffloadMode)
 Prefetch = Literal["after_step", "step_start"]
 PREFETCH_MODES = get_args(Prefetch)
+BlockStep = Literal["device", "host"]
+BLOCK_STEPS = get_args(BlockStep)
 KINDS = ("params", "optimizer")
 _MODE_KINDS = {"none": (), "optimizer": ("optimizer",), "block": KINDS}
 
@@ -137,15 +156,24 @@ class BlockOffload(Configurable):
         prefetch: Prefetch = "after_step"
         """When the next block is copied in: after_step (the device peak is one block) | step_start
         (every copy overlaps the whole step; two blocks on the device during a switching step)."""
+        step: BlockStep = "device"
+        """mode = block only: where the training block's optimizer step runs: device (its AdamW state
+        copied in and out with it at every switch) | host (its AdamW state never leaves the host; its
+        gradients are copied out and its updated parameters in, at every step)."""
 
     def __init__(self, config: Config, *, model: torch.nn.Module, optimizers, num_blocks: int):
         if config.mode not in OFFLOAD_MODES:
             raise ValueError(f"dblocks.offload must be one of {OFFLOAD_MODES}, got {config.mode!r}.")
         if config.prefetch not in PREFETCH_MODES:
             raise ValueError(f"dblocks.prefetch must be one of {PREFETCH_MODES}, got {config.prefetch!r}.")
+        if config.step not in BLOCK_STEPS or (config.step == "host" and config.mode != "block"):
+            raise ValueError(f"dblocks.block_step must be 'device', or 'host' with dblocks.offload = 'block', got "
+                             f"{config.step!r} with {config.mode!r}.")
         self.mode, self.model, self.optimizers, self.num_blocks = config.mode, model, optimizers, num_blocks
         self.prefetch = config.prefetch
         self.kinds = _MODE_KINDS[config.mode]
+        self.host_step = config.step == "host"
+        self.training_kinds = ("params",) if self.host_step else self.kinds  # what a training step brings in
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if cuda and self.kinds else None
@@ -158,10 +186,14 @@ class BlockOffload(Configurable):
         self._peak = dict(self._resident)  # ... at the moment their sum was largest since reset_peak()
         self._awaited: _Part | None = None  # the step's AdamW state, waited for before the optimizer step
         self._host_of: dict[int, tuple[_Part, torch.Tensor]] = {}  # device storage -> (part, host copy)
+        self._training: int | None = None  # the block of the step in progress
+        self._block_params: dict[int, list[torch.Tensor]] = {}
+        self._grads_host: dict[tuple, torch.Tensor] = {}  # host step: gradient buffers, shared by the blocks
+        self._host_grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # optimizer -> (param, host grad)
         if not self.kinds:  # (a block-parallel rank does not even hold every block)
             return
         for block in range(num_blocks):
-            params = [p for layer in model.block_layers(block) for p in layer.parameters()]
+            params = self._block_params[block] = [p for layer in model.block_layers(block) for p in layer.parameters()]
             tensors = {"params": params, "optimizer": self._state_tensors(params)}
             for kind in self.kinds:
                 storages = _storages(tensors[kind])
@@ -175,9 +207,11 @@ class BlockOffload(Configurable):
                 model._get_fsdp_state()._lazy_init()
             self._default_block = inspect.signature(model.forward).parameters["block"].default
             model.register_forward_pre_hook(self._bring_in_for_forward, with_kwargs=True, prepend=True)
-        if "optimizer" in self.kinds:
-            for optimizer in optimizers:
-                optimizer.register_step_pre_hook(self._before_optimizer_step)
+        for optimizer in optimizers if self.host_step else ():
+            optimizer.register_step_pre_hook(self._grads_to_host)
+            optimizer.register_step_post_hook(self._step_on_host)
+        for optimizer in optimizers if "optimizer" in self.training_kinds else ():
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
         for part in self.parts.values():
             self._evict(part)
         self.synchronize()
@@ -255,24 +289,27 @@ class BlockOffload(Configurable):
     # -- what the trainer, the validator and the eval ask for -------------------------------------
 
     def _parts(self, block: int) -> list[_Part]:
-        return [self.parts[block, kind] for kind in self.kinds]
+        return [self.parts[block, kind] for kind in self.training_kinds]
 
     @contextmanager
     def step(self, block: int, next_block: int | None):
         """Around one optimizer step on ``block``: its parameters resident (for the compute stream) in
-        the body and its AdamW state by the optimizer step; ``block`` written back and freed afterwards
-        unless it is ``next_block`` (``None``: no next step); ``next_block``'s state copied in on the
-        side stream, after the step or at its start (``prefetch``: module docstring, step 2)."""
+        the body and its AdamW state by the optimizer step (``block_step = "host"``: the step runs on the
+        host, see the module docstring, 5); ``block`` written back and freed afterwards unless it is
+        ``next_block`` (``None``: no next step; host step: the device copy is stale, so it is freed
+        without a write-back and comes in again); ``next_block``'s state copied in on the side stream,
+        after the step or at its start (``prefetch``: module docstring, step 2)."""
         if not self.kinds:
             yield
             return
         early = self.prefetch == "step_start" and next_block not in (None, block)
         self._give_back(keep=(block, next_block) if early else (block,))
-        params, state = self.parts.get((block, "params")), self.parts.get((block, "optimizer"))
+        params = self.parts.get((block, "params"))
+        state = self.parts.get((block, "optimizer")) if "optimizer" in self.training_kinds else None
         if params is not None:
             self._fill(params)
             self._use(params)
-            params.dirty = True  # the optimizer step will change it
+            params.dirty = not self.host_step  # a device step will change it; a host step changes the host copy
         if state is not None:
             self._fill(state)  # overlaps the forward and backward; waited for by _before_optimizer_step
             state.dirty = True
@@ -280,9 +317,13 @@ class BlockOffload(Configurable):
         if early:
             for part in self._parts(next_block):
                 self._fill(part)
-        yield
+        self._training = block
+        try:
+            yield
+        finally:
+            self._training = None
         self._awaited = None
-        if next_block == block:
+        if next_block == block and not self.host_step:
             return
         for part in (state, params):  # the AdamW state first: the next block's parameters take its place
             if part is not None:
@@ -295,6 +336,70 @@ class BlockOffload(Configurable):
         """The optimizer's step pre-hook: the compute stream waits for the step's AdamW state."""
         if self._awaited is not None:
             self._use(self._awaited)
+
+    def _grads_to_host(self, optimizer, args, kwargs) -> None:
+        """Host step, the optimizer's step pre-hook: the step's block's gradient shards are copied to the
+        host (side stream, after the backward and the clip) and taken from the device optimizer, which
+        then steps the shared modules only."""
+        if self._training is None:
+            return
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        pending = []
+        with torch.no_grad(), self._side_stream():
+            for i, p in enumerate(self._block_params[self._training]):
+                if p.grad is None or id(p) not in mine:
+                    continue
+                grad = local_tensor(p.grad)
+                host = self._grad_buffer(i, grad)
+                host.copy_(grad, non_blocking=True)
+                if self.side is not None:
+                    grad.record_stream(self.side)
+                self.moved["d2h"] += grad.numel() * grad.element_size()
+                pending.append((p, host))
+        for p, _ in pending:
+            p.grad = None
+        self._host_grads[id(optimizer)] = pending
+
+    def _grad_buffer(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        """The host buffer of a block's ``index``-th gradient shard (one set for all blocks of one shape)."""
+        key = (index, tuple(grad.shape), grad.dtype)
+        if key not in self._grads_host:
+            self._grads_host[key] = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=self.side is not None)
+        return self._grads_host[key]
+
+    def _step_on_host(self, optimizer, args, kwargs) -> None:
+        """Host step, the optimizer's step post-hook: once the gradients are on the host, an optimizer of
+        ``optimizer``'s class steps the block over views of the host copies (parameters, state), each
+        parameter in its own param group's hyperparameters; ``step`` counters on the device are copied
+        to the host and back."""
+        pending = self._host_grads.pop(id(optimizer), None)
+        if not pending:
+            return
+        self.synchronize()  # the gradients are on the host
+        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        groups: dict[int, dict] = {}
+        state, steps = {}, []
+        for p, grad in pending:
+            i = group_of[id(p)]
+            hyper = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                     for k, v in optimizer.param_groups[i].items() if k != "params"}
+            group = groups.setdefault(i, {"params": [], **hyper})
+            view = self._host_local(p)
+            view.grad = grad
+            group["params"].append(view)
+            state[view] = {}
+            for key, value in optimizer.state[p].items():
+                if isinstance(value, torch.Tensor) and local_tensor(value).untyped_storage()._cdata in self._host_of:
+                    value = self._host_local(value)  # the AdamW state
+                elif isinstance(value, torch.Tensor) and value.device.type != "cpu":  # the step counter (fused)
+                    steps.append((value, host := value.cpu()))
+                    value = host
+                state[view][key] = value
+        on_host = type(optimizer)(list(groups.values()))
+        on_host.state.update(state)
+        on_host.step()
+        for device, host in steps:
+            device.copy_(host)
 
     def bring_in(self, block: int) -> None:
         """``block``'s parameters on the device for a forward outside training (at most one such
@@ -335,6 +440,8 @@ class BlockOffload(Configurable):
                  if isinstance(v, torch.Tensor) and v.device == self.device]
         device = {kind: sum(s.nbytes() for s in _storages(ts).values()) for kind, ts in zip(KINDS, (params, state))}
         host = {kind: sum(p.nbytes for (_, k), p in self.parts.items() if k == kind) for kind in KINDS}
+        if self.host_step:
+            host["grads"] = sum(h.numel() * h.element_size() for h in self._grads_host.values())
         resident = {kind: sorted(b for (b, k), p in self.parts.items() if k == kind and p.resident) for kind in self.kinds}
         peak = {kind: device[kind] - self._resident[kind] + self._peak[kind] for kind in KINDS}
         return {"device": device, "host": host, "resident": resident, "moved": dict(self.moved),
@@ -394,14 +501,18 @@ class BlockOffload(Configurable):
             self.parts[block, "params"].dirty = True
             self._give_back()
 
+    def _host_local(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s local tensor as a view of its host copy."""
+        local = local_tensor(t)
+        _, host = self._host_of[local.untyped_storage()._cdata]
+        return host.view(local.dtype).as_strided(local.size(), local.stride(), local.storage_offset())
+
     def _host_view(self, t: torch.Tensor) -> torch.Tensor | None:
         """``t`` as a view of its host copy when its device storage is offloaded, else None."""
-        local = local_tensor(t)
-        part, host = self._host_of.get(local.untyped_storage()._cdata, (None, None))
+        part, _ = self._host_of.get(local_tensor(t).untyped_storage()._cdata, (None, None))
         if part is None or part.resident:
             return None
-        view = host.view(local.dtype).as_strided(local.size(), local.stride(), local.storage_offset())
-        return _like(t, view)
+        return _like(t, self._host_local(t))
 
     def _optimizer_state_dict(self) -> dict[str, Any]:
         state, self._views = {}, {}

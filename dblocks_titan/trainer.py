@@ -56,7 +56,7 @@ from dblocks_titan.errors import InputError
 from dblocks_titan.inputs import check_inputs
 from dblocks_titan.metrics import move_aside
 from dblocks_titan.objectives import build_objective
-from dblocks_titan.offload import BlockOffload, OffloadMode, Prefetch
+from dblocks_titan.offload import BlockOffload, BlockStep, OffloadMode, Prefetch
 from dblocks_titan.parallelize import average_over_group, local_tensor, parallelize_dblocks, shared_parameters
 
 
@@ -123,6 +123,14 @@ class DBlocksConfig:
     """offload only. When the next block's state is copied in: after_step (after the optimizer step, in
     the place of the trained block's: the device peak is one block) | step_start (at the step's start:
     every copy overlaps the whole step, two blocks on the device during a step that switches)."""
+    block_step: BlockStep = "device"
+    """offload = block only. Where the training block's optimizer step runs: device (its AdamW state comes in
+    with it and goes back with it at every switch: parameters + AdamW state, 12 bytes per fp32 parameter each
+    way; nothing moves while a block repeats) | host (its AdamW state never leaves the host: every step copies
+    the block's gradients out and its updated parameters back in, 4 + 4 bytes per parameter, and AdamW steps
+    the block on the host, as titan's CPU offload does for every parameter; the shared modules stay on the
+    device and step there). host never holds a block's AdamW state on the device and moves a third of the
+    bytes of a device switch, at every step; device moves nothing while a block repeats (steps_per_block)."""
     offload_optimizer: bool = False
     """Deprecated spelling of ``offload = "optimizer"`` (accepted with a warning)."""
     steps_per_block: int = 1
@@ -233,7 +241,7 @@ class DBlocksTrainer(Trainer):
                 broadcast_shared_modules(self.model_parts[0], replicate.get_group())
         init_optimizer_states(self.optimizers)
         db = config.dblocks
-        self.offload = BlockOffload.Config(mode=db.offload, prefetch=db.prefetch).build(
+        self.offload = BlockOffload.Config(mode=db.offload, prefetch=db.prefetch, step=db.block_step).build(
             model=self.model_parts[0], optimizers=self.optimizers, num_blocks=db.num_blocks
         )
         if self.checkpointer.enable and db.offload != "none":

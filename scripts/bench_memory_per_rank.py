@@ -1,5 +1,6 @@
 """Per-rank DEVICE bytes at a training step's peak: titan e2e FSDP (AC none / selective / full, its CPU
-offload) vs DiffusionBlocks (B, ``offload`` none / optimizer / block, AC none / full), AR and masked
+offload) vs DiffusionBlocks (B, ``offload`` none / optimizer / block with the block's optimizer step on the
+device or the host, AC none / full), AR and masked
 diffusion; the method's ideal beside every DB row; host↔device bytes per step; then the same computed
 for 1B and 8B and the largest llama3-shaped model that fits a GPU.
 
@@ -63,6 +64,7 @@ class Row:
     offload: str = "none"
     ac: str = "none"
     prefetch: str = "after_step"
+    block_step: str = "device"
     cpu_offload: bool = False
     flavor: str = "125M"
     n_layers: int | None = None
@@ -72,6 +74,8 @@ class Row:
     def mode(self) -> str:
         if self.cpu_offload:
             return f"{self.kind}_cpu_offload"
+        if self.block_step == "host":
+            return "block_host"
         return "e2e" if self.kind == "e2e" else self.offload
 
     @property
@@ -89,7 +93,11 @@ def db(family, b, offload="block", ac="none", **kw):
     """A DB row; ``cpu_offload=True``: titan's CPU offload over the DB model (``offload`` none)."""
     if kw.get("cpu_offload"):
         offload = "none"
+    if offload == "block_host":  # offload = block with block_step = host
+        offload, kw["block_step"] = "block", "host"
     how = "titan CPU offload" if kw.get("cpu_offload") else f"offload={offload}"
+    if kw.get("block_step") == "host":
+        how += ", step on host"
     name = f"DB {'AR' if family == 'ar' else 'MDLM'} B={b}, {how}" + (", AC full" if ac == "full" else "")
     if kw.get("prefetch") == "step_start":
         name += ", prefetch=step_start"
@@ -107,6 +115,7 @@ MEASURED = [
     Row("e2e MDLM, FSDP, full AC", "mdlm", "e2e", ac="full", flavor="owt"),
     db("mdlm", 4, flavor="owt"), db("mdlm", 4, ac="full", flavor="owt"), db("mdlm", 2, flavor="owt"),
     db("ar", 4, cpu_offload=True), db("mdlm", 4, cpu_offload=True, flavor="owt"),
+    db("ar", 4, "block_host"), db("ar", 4, "block_host", ac="full"), db("mdlm", 4, "block_host", flavor="owt"),
 ]
 CHECK_1B = Row("DB AR B=4, offload=block, 1B layers (4) with a 32768 vocabulary", "ar", "db", 4, "block", flavor="1B",
                n_layers=4, vocab_size=32768)  # 128256 tokens: the shared modules alone overflow this machine
@@ -135,7 +144,8 @@ def overrides(row: Row) -> list[str]:
     out = ["--training.seq_len", str(SEQ)]
     if row.kind == "db":
         out += ["--dblocks.num_blocks", str(row.num_blocks), "--dblocks.offload", row.offload,
-                "--dblocks.prefetch", row.prefetch, "--dblocks.block_schedule", "round_robin"]
+                "--dblocks.prefetch", row.prefetch, "--dblocks.block_schedule", "round_robin",
+                "--dblocks.block_step", row.block_step]
     if row.cpu_offload:
         out.append("--training.enable_cpu_offload")
     if row.ac != "none":
@@ -207,7 +217,7 @@ def rank_bytes(report: dict, row: Row) -> dict:
         out.update(params=store["peak"]["params"], grads=grads, adamw=store["peak"]["optimizer"],
                    host=sum(store["host"].values()))
         step1 = mem["steps"][0]["moved"]  # a switching step: the trained block out, the next one in
-        out["d2h"] = out["h2d"] = step1["d2h"]
+        out["d2h"] = out["h2d"] = step1["d2h"]  # (host step: the block's gradients out, as many bytes in)
         out["h2d_step1"] = step1["h2d"]  # + the first step's own parameters, which nothing prefetched
     else:
         out.update(params=mem["param_bytes"], grads=grads, adamw=mem["optimizer_bytes"], host=0)
@@ -312,7 +322,7 @@ COMPUTED = [*E2E_ROWS,
             db("ar", 4, prefetch="step_start"),
             *(db("ar", b, ac=ac, cpu_offload=True) for b in (4, 8) for ac in ("none", "full")),
             Row("e2e MDLM, FSDP, no AC", "mdlm", "e2e"), Row("e2e MDLM, FSDP, full AC", "mdlm", "e2e", ac="full"),
-            *(db("mdlm", b, "block", ac) for b in (4, 8) for ac in ("none", "full")),
+            *(db("mdlm", b, o, ac) for b in (4, 8) for o in ("block", "block_host") for ac in ("none", "full")),
             db("mdlm", 4, cpu_offload=True)]
 
 
@@ -481,13 +491,23 @@ def main() -> None:
             dbm, tm = b["h2d"] + b["d2h"], cpu["h2d"] + cpu["d2h"]
             share = shape.shared_numel / shape.numel
             bound = 1 / row.num_blocks + share
-            when = "per step (at every step)" if row.cpu_offload else "per switching step"
+            when = "per step (at every step)" if row.cpu_offload or row.block_step == "host" else "per switching step"
             moved_lines.append(f"- measured {row.name}: host↔device bytes {when} {dbm / MIB:,.1f} MiB vs titan "
                                f"CPU offload {tm / MIB:,.1f} MiB = **{dbm / tm:.3f}** (target ≤ 1/B + shared share = "
                                f"{1 / row.num_blocks:.3f} + {share:.3f} = {bound:.3f}): {verdict(dbm / tm <= bound)}.")
 
     tc = computed["8B", "titan e2e llama3, FSDP + CPU offload"]
     shape, single = shapes["8B", "ar", "db"], flavor_shape("ar", "db", "8B", adaln="single")
+    for b in (4, 8):
+        d8 = c8(db("ar", b, "block_host").name)
+        ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
+        bound = 1 / b + shape.shared_numel / shape.numel
+        moved_lines.append(f"- computed 8B, DB AR B = {b}, offload = block with `block_step = \"host\"` / titan CPU "
+                           f"offload, host↔device bytes per step, at every step: {(d8['h2d'] + d8['d2h']) / GIB:,.2f} / "
+                           f"{(tc['h2d'] + tc['d2h']) / GIB:,.2f} GiB = **{ratio:.3f}** (target ≤ {bound:.3f}): "
+                           f"{verdict(ratio <= bound)}. The block's parameters in (4 bytes each) and its gradients out "
+                           "(4), once per step; the shared modules stay on the device, and AdamW steps the block on "
+                           "the host.")
     for cpu_offload, b in itertools.product((False, True), (4, 8)):
         d8 = c8(db("ar", b, cpu_offload=cpu_offload).name)
         ratio = (d8["h2d"] + d8["d2h"]) / (tc["h2d"] + tc["d2h"])
@@ -530,6 +550,10 @@ def main() -> None:
         "titan e2e FSDP + CPU offload (best AC, device bytes only)": fit(E2E_ROWS[3:]),
         "DB AR B=4, offload=block (best AC)": fit([db("ar", 4, "block", ac) for ac in ("none", "full")], kind="db"),
         "DB AR B=8, offload=block (best AC)": fit([db("ar", 8, "block", ac) for ac in ("none", "full")], kind="db"),
+        "DB AR B=4, offload=block, step on host (best AC)": fit(
+            [db("ar", 4, "block_host", ac) for ac in ("none", "full")], kind="db"),
+        "DB AR B=8, offload=block, step on host (best AC)": fit(
+            [db("ar", 8, "block_host", ac) for ac in ("none", "full")], kind="db"),
         "DB AR B=4, offload=block, adaln=single (best AC)": fit([db("ar", 4, "block", ac) for ac in ("none", "full")],
                                                                 kind="db", adaln="single"),
         "DB AR B=4, titan CPU offload (best AC, device bytes only)": fit(
@@ -585,7 +609,10 @@ def write_report(args, v: dict) -> None:
            "unsharded gradients at their peak (transient, every FSDP row has them); **device total**: the sum. "
            "**ideal** (DB rows): the shared modules + L/B layers with their gradients and AdamW state, + the row's own "
            "activations and unsharded units. **h2d / d2h per step**: DB: what a switching step writes back (the trained "
-           "block) and brings in (the next block's parameters after the step, its AdamW state during its own step); titan "
+           "block) and brings in (the next block's parameters after the step, its AdamW state during its own step); "
+           "`step on host` (`block_step = \"host\"`): at every step the block's gradients out and the next step's "
+           "parameters in, its AdamW state never on the device (**host** includes the one block of gradient "
+           "buffers); titan "
            "CPU offload (also over a DB model, `--training.enable_cpu_offload` with `offload = none`: only the shared "
            "modules and the step's block run, so only they move): every shard its all-gathers copy in, every gradient "
            "shard its reduce-scatters copy out, at every step. The 125M "

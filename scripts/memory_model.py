@@ -11,7 +11,8 @@
    bytes per parameter of titan's CPU offload. :func:`fit_activations` reads them from a measured step.
 3. :func:`device_bytes`: the split (params, grads, AdamW, activations, unsharded) of one rank for a
    mode (``e2e``, ``e2e_cpu_offload``, DB ``none`` / ``optimizer`` / ``block`` with ``prefetch``,
-   ``db_cpu_offload``: titan's CPU offload over a DB model),
+   ``block_host``: ``block`` with ``block_step = "host"``, ``db_cpu_offload``: titan's CPU offload over a DB
+   model),
    AC, world size, sequence, local batch and dtypes; :func:`ideal_bytes`: the method's ideal (shared
    modules + L/B layers with their gradients and AdamW state + one block's activations).
 4. :func:`llama3_family` and :func:`largest_fitting`: the depth of the llama3-shaped model family at a
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 GIB = 2**30
 LOGIT_CHUNK_BYTES = 32 * 2**20  # objectives.LOGIT_CHUNK_BYTES: MDLM's head runs unchunked below it
 CE_CHUNKS = 8  # titan's ChunkedLossWrapper default (e2e, AR DB, MDLM above LOGIT_CHUNK_BYTES)
-DB_MODES = ("none", "optimizer", "block")
+DB_MODES = ("none", "optimizer", "block", "block_host")  # block_host: offload = block, block_step = host
 CPU_OFFLOAD_MODES = ("e2e_cpu_offload", "db_cpu_offload")  # FSDP2 CPUOffloadPolicy: every shard on the host
 
 
@@ -120,20 +121,23 @@ def device_bytes(shape: Shape, c: Constants, s: Setting, *, mode: str, num_block
                  prefetch: str = "after_step") -> dict[str, float]:
     """One rank's device bytes at the step's peak, by kind. ``mode``: ``e2e`` | ``e2e_cpu_offload`` (FSDP2
     CPUOffloadPolicy: sharded parameters, gradients and AdamW state on the host) | DB ``none`` |
-    ``optimizer`` | ``block`` | ``db_cpu_offload`` (the policy over a DB model). Sharded state: bytes per parameter × parameters / world; activations from
+    ``optimizer`` | ``block`` | ``block_host`` (the block's AdamW state stays on the host) | ``db_cpu_offload``
+    (the policy over a DB model). Sharded state: bytes per parameter × parameters / world; activations from
     :func:`activation_bytes`; ``unsharded``: FSDP2's all-gathered units (scaled to the gather dtype)."""
     W, S, layer = s.world, shape.shared_numel, shape.layer_numel
     all_layers = shape.n_layers * layer
     block = all_layers // num_blocks
     cpu = mode in CPU_OFFLOAD_MODES
-    resident = {"e2e": all_layers, "none": all_layers, "optimizer": all_layers, "block": block}.get(mode, 0)
-    with_state = {"optimizer": block}.get(mode, resident)
+    resident = {"e2e": all_layers, "none": all_layers, "optimizer": all_layers, "block": block,
+                "block_host": block}.get(mode, 0)
+    with_state = {"optimizer": block, "block_host": 0}.get(mode, resident)
     with_grads = all_layers if mode.startswith("e2e") else block
-    extra = block if (mode == "block" and prefetch == "step_start" and num_blocks > 1) else 0
+    extra = block if (mode.startswith("block") and prefetch == "step_start" and num_blocks > 1) else 0
+    extra_state = 0 if mode == "block_host" else extra
     shared = 0 if cpu else S
     out = {"params": c.param_bytes * (shared + resident + extra) / W,
            "grads": 0.0 if cpu else c.grad_bytes * (shared + with_grads) / W,
-           "adamw": c.adamw_bytes * (shared + with_state + extra) / W,
+           "adamw": c.adamw_bytes * (shared + with_state + extra_state) / W,
            "activations": activation_bytes(shape, c, s, active_layers=shape.n_layers if mode.startswith("e2e")
                                            else shape.n_layers // num_blocks),
            "unsharded": c.unsharded_per_unit * shape.largest_unit_numel * s.gather_dtype_bytes if W > 1 else 0.0}
@@ -143,12 +147,16 @@ def device_bytes(shape: Shape, c: Constants, s: Setting, *, mode: str, num_block
 
 def host_bytes(shape: Shape, c: Constants, s: Setting, *, mode: str, num_blocks: int = 1) -> float:
     """What a rank keeps in host memory: titan's CPU offload (also over a DB model) every shard (parameters,
-    gradients, AdamW); DB the offloaded blocks' shards (``optimizer``: their AdamW state; ``block``: + their
-    parameters)."""
+    gradients, AdamW); DB the offload store's host copies, one of every block's shards, the resident block's
+    too (``optimizer``: their AdamW state; ``block``: + their parameters; ``block_host``: + one block's
+    gradients, which the host step reads)."""
     if mode in CPU_OFFLOAD_MODES:
         return (c.param_bytes + c.grad_bytes + c.adamw_bytes) * shape.numel / s.world
-    off = shape.n_layers * shape.layer_numel * (num_blocks - 1) // max(num_blocks, 1) / s.world
-    return {"e2e": 0.0, "none": 0.0, "optimizer": c.adamw_bytes * off, "block": (c.param_bytes + c.adamw_bytes) * off}[mode]
+    layers = shape.n_layers * shape.layer_numel / s.world
+    grads = c.grad_bytes * layers / num_blocks
+    return {"e2e": 0.0, "none": 0.0, "optimizer": c.adamw_bytes * layers,
+            "block": (c.param_bytes + c.adamw_bytes) * layers,
+            "block_host": (c.param_bytes + c.adamw_bytes) * layers + grads}[mode]
 
 
 def moved_bytes(shape: Shape, c: Constants, s: Setting, *, mode: str, num_blocks: int = 1,
@@ -157,12 +165,16 @@ def moved_bytes(shape: Shape, c: Constants, s: Setting, *, mode: str, num_blocks
     all-gathers and every gradient shard out (measured constants per parameter), at every step; over a
     DB model the same for what runs: the shared modules and one block; DB: a switching step writes one
     block's shard out and brings the next one in (``block``: parameters + AdamW state; ``optimizer``:
-    AdamW state), once every ``steps_per_block`` steps."""
+    AdamW state), once every ``steps_per_block`` steps; ``block_host``: every step takes the block's
+    gradients out and brings its (or the next block's) parameters in, whatever ``steps_per_block``."""
     if mode in CPU_OFFLOAD_MODES:
         runs = shape.numel if mode == "e2e_cpu_offload" else shape.shared_numel + shape.n_layers * shape.layer_numel / num_blocks
         return {"h2d": c.offload_h2d_per_param * runs / s.world, "d2h": c.offload_d2h_per_param * runs / s.world}
+    block = shape.n_layers * shape.layer_numel / num_blocks / s.world
+    if mode == "block_host":
+        return {"h2d": c.param_bytes * block, "d2h": c.grad_bytes * block}
     per_param = {"block": c.param_bytes + c.adamw_bytes, "optimizer": c.adamw_bytes}.get(mode, 0.0)
-    one = per_param * shape.n_layers * shape.layer_numel / num_blocks / s.world / steps_per_block
+    one = per_param * block / steps_per_block
     return {"h2d": one, "d2h": one}
 
 

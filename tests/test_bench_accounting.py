@@ -317,13 +317,26 @@ def test_device_host_and_moved_bytes_by_hand():
     assert (optimizer["params"], optimizer["adamw"]) == (4 * 450 / 2, 8 * 250 / 2)
     cpu = mm.device_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload")
     assert cpu["params"] == cpu["grads"] == cpu["adamw"] == 0
-    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2) == 12 * 200 / 2
-    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="optimizer", num_blocks=2) == 8 * 200 / 2
+    # the store keeps a host copy of every block, the resident one's too: 400 layer parameters
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2) == 12 * 400 / 2
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="optimizer", num_blocks=2) == 8 * 400 / 2
     assert mm.host_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload") == 16 * 450 / 2
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2) == {"h2d": 12 * 200 / 2, "d2h": 12 * 200 / 2}
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block", num_blocks=2, steps_per_block=4)["h2d"] == 300
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="e2e_cpu_offload") == {"h2d": 8 * 450 / 2, "d2h": 4 * 450 / 2}
     assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="none", num_blocks=2) == {"h2d": 0, "d2h": 0}
+    # block_step = host: the block's parameters and gradients on the device, no block AdamW state; the host
+    # keeps every block's parameters and AdamW state + one block's gradients; every step moves 4 + 4 bytes per
+    # block parameter, whatever steps_per_block
+    host = mm.device_bytes(SHAPE, CONST, SETTING, mode="block_host", num_blocks=2)
+    assert (host["params"], host["grads"], host["adamw"]) == (4 * 250 / 2, 4 * 250 / 2, 8 * 50 / 2)
+    assert host["total"] == block["total"] - 8 * 200 / 2
+    early = mm.device_bytes(SHAPE, CONST, SETTING, mode="block_host", num_blocks=2, prefetch="step_start")
+    assert early["total"] - host["total"] == 4 * 200 / 2  # + the next block's parameters only
+    assert mm.host_bytes(SHAPE, CONST, SETTING, mode="block_host", num_blocks=2) == 12 * 400 / 2 + 4 * 200 / 2
+    for k in (1, 4):
+        assert mm.moved_bytes(SHAPE, CONST, SETTING, mode="block_host", num_blocks=2, steps_per_block=k) == {
+            "h2d": 4 * 200 / 2, "d2h": 4 * 200 / 2}
     # titan's CPU offload over a DB model, B = 2: nothing of the state on the device, one block's activations;
     # every shard on the host; per step the shared 50 + one block of 200 parameters move (of 450)
     db_cpu = mm.device_bytes(SHAPE, CONST, SETTING, mode="db_cpu_offload", num_blocks=2)

@@ -2,7 +2,8 @@
 
 A toy model checks the store's mechanism in-process (CPU; the same test on CUDA, with the side-stream
 prefetch, is marked ``gpu``); real training runs (one process, 2 FSDP2 ranks over gloo) check identical
-per-step losses for offload = none / optimizer / block and titan's CPU offload, exact resume (also in the middle of a
+per-step losses for offload = none / optimizer / block (its optimizer step on the device or the host) and titan's
+CPU offload, exact resume (also in the middle of a
 ``steps_per_block`` run, and across offload modes), the eval command, activation checkpointing,
 asynchronous checkpoints and what stays on the device.
 """
@@ -24,7 +25,8 @@ from dblocks_titan.offload import BlockOffload
 CONFIG = "train_configs/debug_dblocks.toml"
 TRAIN = ["-m", "dblocks_titan.train", "--job.config_file", CONFIG, "--metrics.log_freq", "1"]
 CKPT = ["--checkpoint.enable", "--checkpoint.interval", "6", "--validator.freq", "6"]
-MODES = ("none", "optimizer", "block")
+MODES = ("none", "optimizer", "block", "host")  # host: offload = block with block_step = host
+HOST_STEP = ["--dblocks.offload", "block", "--dblocks.block_step", "host"]
 CPU_OFFLOAD = ["--training.enable_cpu_offload"]  # titan's FSDP2 CPUOffloadPolicy (compat: also without an accelerator)
 
 
@@ -49,7 +51,7 @@ class ToyBlocks(nn.Module):
         return self.head(x)
 
 
-def toy_training(device: str, mode: str, blocks: list[int], prefetch: str = "after_step"):
+def toy_training(device: str, mode: str, blocks: list[int], prefetch: str = "after_step", step: str = "device"):
     """AdamW steps on ``blocks`` (in order) under ``store.step(b, next)``; returns the model, the store
     and the store's report between the steps (its peak: over the step just taken)."""
     torch.manual_seed(0)
@@ -59,8 +61,8 @@ def toy_training(device: str, mode: str, blocks: list[int], prefetch: str = "aft
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    store = BlockOffload.Config(mode=mode, prefetch=prefetch).build(model=model, optimizers=[optimizer],
-                                                                    num_blocks=model.num_blocks)
+    store = BlockOffload.Config(mode=mode, prefetch=prefetch, step=step).build(model=model, optimizers=[optimizer],
+                                                                               num_blocks=model.num_blocks)
     reports = [store.report()]
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)).to(device)
     for i, block in enumerate(blocks):
@@ -71,6 +73,17 @@ def toy_training(device: str, mode: str, blocks: list[int], prefetch: str = "aft
             optimizer.step()
         reports.append(store.report())
     return model, store, reports
+
+
+def toy_state(model, store) -> list[torch.Tensor]:
+    """Every block parameter's AdamW state and step counter, read from the host copies where offloaded."""
+    optimizer = store.optimizers[0]
+    out = []
+    for p in model.parameters():
+        for value in optimizer.state[p].values():
+            view = store._host_view(value) if isinstance(value, torch.Tensor) else None
+            out.append((view if view is not None else value).clone())
+    return out
 
 
 def check_toy_store(device: str):
@@ -108,6 +121,40 @@ def test_store_moves_one_block_at_a_time_and_trains_like_the_resident_model():
     check_toy_store("cpu")
 
 
+def check_host_step(device: str):
+    """``block_step = "host"``: the same weights, AdamW state and step counters as the resident model; a
+    step brings its block's parameters in and takes its gradients out (4 + 4 bytes per parameter, a repeated
+    block too), the device never holds a block's AdamW state, and the gradients' host buffer is one block."""
+    blocks = [0, 2, 2, 1, 0, 2]
+    reference, reference_store, _ = toy_training(device, "none", blocks)
+    model, store, reports = toy_training(device, "block", blocks, step="host")
+    store.synchronize()
+    # on CPU the same AdamW code runs on the same values; on CUDA the host's CPU AdamW rounds differently
+    same = torch.equal if device == "cpu" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(toy_state(model, store), toy_state(reference, reference_store)):
+        assert same(a.cpu(), b.cpu())
+    x = torch.ones(2, 8, device=device)
+    for block in range(3):
+        assert same(model(x, block=block), reference(x, block=block))
+    block, shared = 2 * (8 * 8 * 4 + 8 * 4), (8 + 1) * 4
+    first, *between, last = reports
+    assert first["moved"] == {"h2d": 0, "d2h": 3 * 3 * block}  # the set-up writes every block out once
+    for i, (report, upcoming) in enumerate(zip(between, blocks[1:])):
+        assert report["resident"] == {"params": [upcoming], "optimizer": []}
+        # AdamW state on the device: the head's, and the 14 parameters' step counters (fp32 scalars; AdamW keeps
+        # them in host memory for CUDA parameters)
+        counters = 14 * 4 if device == "cpu" else 0
+        assert report["device"] == {"params": shared + block, "optimizer": 2 * shared + counters}
+        assert report["peak_blocks"] == {"params": block, "optimizer": 0}
+        assert report["moved"] == {"h2d": (i + 2) * block, "d2h": (9 + i + 1) * block}  # every step, 2 -> 2 too
+        assert report["host"] == {"params": 3 * block, "optimizer": 6 * block, "grads": block}
+    assert last["resident"] == {"params": [], "optimizer": []} and last["moved"]["h2d"] == len(blocks) * block
+
+
+def test_host_step_trains_like_the_resident_model_and_moves_a_gradient_out_and_parameters_in():
+    check_host_step("cpu")
+
+
 def test_prefetch_at_the_step_start_holds_two_blocks_during_a_switch_and_trains_the_same():
     """``prefetch = "step_start"`` (every copy overlaps the whole step): the next block's parameters and
     AdamW state are on the device with the step's own during a step that switches blocks (peak two
@@ -129,6 +176,7 @@ def test_prefetch_at_the_step_start_holds_two_blocks_during_a_switch_and_trains_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_store_on_cuda_prefetches_on_a_side_stream():
     check_toy_store("cuda")
+    check_host_step("cuda")
     model, store, _ = toy_training("cuda", "block", [0, 1])
     assert store.side is not None and all(h.is_pinned() for part in store.parts.values() for h in part.host)
 
@@ -183,12 +231,14 @@ def probe(launch, folder, *overrides) -> list[dict]:
 def one_process(tmp_path_factory):
     """12 steps of the debug config (B = 4; seed 0 trains blocks 0 3 1 0 3 3 3 3 1 3 1 2: switches and
     repeats) in one process for each offload mode, with checkpoints and validations at steps 6 and 12;
-    offload = block through the probe (its store's reports in ``block/offload0.json``)."""
+    offload = block (``block``; with ``block_step = host``: ``host``) through the probe (its store's reports
+    in ``<mode>/offload0.json``)."""
     root = tmp_path_factory.mktemp("offload")
     common = ["--training.steps", "12", *CKPT]
     for mode in ("none", "optimizer"):
         run([PY, *TRAIN, *common, "--dblocks.offload", mode, "--dump_folder", str(root / mode)])
     probe([PY], root / "block", *common, "--dblocks.offload", "block")
+    probe([PY], root / "host", *common, *HOST_STEP)
     return root
 
 
@@ -196,11 +246,13 @@ def test_offload_modes_give_identical_losses_and_checkpoints_one_process(one_pro
     traces = {mode: trace(one_process / mode, 0) for mode in MODES}
     blocks = [r["block"] for r in traces["none"]]
     assert blocks == [0, 3, 1, 0, 3, 3, 3, 3, 1, 3, 1, 2]
-    assert traces["optimizer"] == traces["none"] and traces["block"] == traces["none"]  # exact
+    for mode in MODES[1:]:
+        assert traces[mode] == traces["none"], mode  # exact
     validations = {mode: validation_losses(one_process / mode) for mode in MODES}
-    assert set(validations["none"]) == {1, 6, 12} and validations["block"] == validations["none"]
+    assert set(validations["none"]) == {1, 6, 12}
     keys = {mode: checkpoint_keys(one_process / mode / "checkpoint" / "step-6") for mode in MODES}
-    assert keys["optimizer"] == keys["none"] and keys["block"] == keys["none"]
+    for mode in MODES[1:]:
+        assert validations[mode] == validations["none"] and keys[mode] == keys["none"], mode
 
 
 def check_one_block_resident(report: dict, io_steps: set[int]) -> None:
@@ -242,6 +294,43 @@ def check_one_block_resident(report: dict, io_steps: set[int]) -> None:
         previous = s
 
 
+def check_host_step_resident(report: dict, io_steps: set[int]) -> None:
+    """``block_step = host``: during a step its block's parameters are on the device and no block's AdamW
+    state ever is (the device's optimizer bytes stay the shared modules' and the step counters'); after it
+    the next step's parameters, also when the block repeats (the device copy is stale after the host step).
+    Every step takes the block's gradient shards out (as many bytes as its parameters: fp32) and brings the
+    next step's parameters in; the device peak of the blocks' state is one block's parameters. (Steps after
+    a checkpoint or validation, ``io_steps``: see :func:`check_one_block_resident`.)"""
+    block, init = report["block_bytes"], report["init"]
+    assert init["resident"] == {"params": [], "optimizer": []}
+    assert init["host"] == {"params": 4 * block["params"], "optimizer": 4 * block["optimizer"], "grads": 0}
+    previous = None
+    for s in report["steps"]:
+        after_io = previous is not None and previous["step"] in io_steps
+        during = {"params": [s["block"]], "optimizer": []}
+        after = {"params": [] if s["next"] is None else [s["next"]], "optimizer": []}
+        for moment, resident in (("during", during), ("after", after)):
+            r = s[moment]
+            assert r["resident"] == resident, (s["step"], moment)
+            if not (after_io and moment == "during"):
+                assert r["device"]["params"] == init["device"]["params"] + len(resident["params"]) * block["params"]
+            assert r["device"]["optimizer"] == init["device"]["optimizer"], (s["step"], moment)
+        assert s["after"]["host"]["grads"] == block["params"]
+        if not after_io:
+            assert s["after"]["peak_blocks"] == {"params": block["params"], "optimizer": 0}, s["step"]
+        assert s["after"]["moved"]["d2h"] - s["during"]["moved"]["d2h"] == block["params"], s["step"]
+        step_in = s["after"]["moved"]["h2d"] - s["during"]["moved"]["h2d"]
+        assert step_in == (0 if s["next"] is None else block["params"]), s["step"]
+        if previous is not None and not after_io:
+            assert s["during"]["moved"]["h2d"] == previous["after"]["moved"]["h2d"], s["step"]  # prefetched
+        previous = s
+
+
+def test_host_step_keeps_one_block_of_parameters_on_the_device_and_moves_them_every_step(one_process):
+    report = json.loads((one_process / "host" / "offload0.json").read_text())
+    check_host_step_resident(report, io_steps={1, 6})
+
+
 def test_offload_block_keeps_one_block_on_the_device_and_moves_one_block_per_switch(one_process):
     report = json.loads((one_process / "block" / "offload0.json").read_text())
     check_one_block_resident(report, io_steps={1, 6})
@@ -261,24 +350,26 @@ def debug_block_param_bytes() -> int:
 
 def test_two_fsdp_ranks_train_identically_with_offload_block(tmp_path):
     """2 FSDP2 ranks (gloo), 8 steps (blocks 0 3 1 0 3 3 3 3), a checkpoint and a validation at step 4:
-    offload = block, and titan's CPU offload (``--training.enable_cpu_offload``), give the resident run's
+    offload = block (its optimizer step on the device, and on the host), and titan's CPU offload (``--training.enable_cpu_offload``), give the resident run's
     losses on both ranks exactly and a checkpoint with the same keys; with offload = block each rank holds
     one block's local shards (half its bytes) between steps."""
     common = ["--training.steps", "8", "--checkpoint.enable", "--checkpoint.interval", "4", "--validator.freq", "4"]
     run([*TORCHRUN, *TRAIN, *common, "--dump_folder", str(tmp_path / "none")])
     reports = probe(TORCHRUN, tmp_path / "block", *common, "--dblocks.offload", "block")
+    host_reports = probe(TORCHRUN, tmp_path / "host", *common, *HOST_STEP)
     out = run([*TORCHRUN, *TRAIN, *common, *CPU_OFFLOAD, "--dump_folder", str(tmp_path / "cpu_offload")])
     assert "Applied CPU Offloading to the model" in out
     for rank in (0, 1):
-        assert trace(tmp_path / "block", rank) == trace(tmp_path / "none", rank)
-        assert trace(tmp_path / "cpu_offload", rank) == trace(tmp_path / "none", rank)
+        for mode in ("block", "host", "cpu_offload"):
+            assert trace(tmp_path / mode, rank) == trace(tmp_path / "none", rank), (mode, rank)
     assert [r["block"] for r in trace(tmp_path / "none", 0)] == [0, 3, 1, 0, 3, 3, 3, 3]
     keys = checkpoint_keys(tmp_path / "none" / "checkpoint" / "step-4")
-    for mode in ("block", "cpu_offload"):
+    for mode in ("block", "host", "cpu_offload"):
         assert checkpoint_keys(tmp_path / mode / "checkpoint" / "step-4") == keys
-    for report in reports:
+    for report, host_report in zip(reports, host_reports):
         check_one_block_resident(report, io_steps={1, 4})
-        assert report["block_bytes"]["params"] == debug_block_param_bytes() // 2
+        check_host_step_resident(host_report, io_steps={1, 4})
+        assert report["block_bytes"]["params"] == host_report["block_bytes"]["params"] == debug_block_param_bytes() // 2
 
 
 def test_a_checkpoint_of_offload_block_resumes_without_offload(one_process, tmp_path):
@@ -292,12 +383,25 @@ def test_a_checkpoint_of_offload_block_resumes_without_offload(one_process, tmp_
     assert trace(tmp_path, 0) == trace(one_process / "none", 0)[6:]
 
 
-def test_eval_reads_a_checkpoint_trained_with_offload_block(one_process):
+def test_the_host_step_resumes_exactly(one_process, tmp_path):
+    """offload = block with ``block_step = host``, resumed from its own step-6 checkpoint (AdamW state and
+    step counters read into the host copies), repeats the resident run's steps 7..12 exactly."""
+    shutil.copytree(one_process / "host" / "checkpoint", tmp_path / "checkpoint")
+    shutil.rmtree(tmp_path / "checkpoint" / "step-12")
+    out = run([PY, *TRAIN, "--training.steps", "12", *CKPT, *HOST_STEP, "--dump_folder", str(tmp_path)])
+    assert "Training starts at step 7" in out
+    assert trace(tmp_path, 0) == trace(one_process / "none", 0)[6:]
+
+
+@pytest.mark.parametrize("mode", ["block", "host"])
+def test_eval_reads_a_checkpoint_trained_with_offload_block(one_process, mode):
     """``python -m dblocks_titan.eval`` with offload = block (its validator brings each block in alone) on
-    the run's step-12 checkpoint gives the CE the run validated in memory at step 12."""
-    out = run([PY, "-m", "dblocks_titan.eval", "--job.config_file", CONFIG, "--dump_folder", str(one_process / "block"),
-               "--dblocks.offload", "block", "--validator.steps", "1", "--eval.prompts", "0"])
-    result = json.loads((one_process / "block" / "checkpoint" / "eval_step12.json").read_text())
+    the run's step-12 checkpoint (trained with the block's step on the device, or on the host) gives the CE
+    the run validated in memory at step 12."""
+    offload = HOST_STEP if mode == "host" else ["--dblocks.offload", "block"]
+    out = run([PY, "-m", "dblocks_titan.eval", "--job.config_file", CONFIG, "--dump_folder", str(one_process / mode),
+               *offload, "--validator.steps", "1", "--eval.prompts", "0"])
+    result = json.loads((one_process / mode / "checkpoint" / "eval_step12.json").read_text())
     assert "wrote" in out and result["step"] == 12
     assert result["validation_metrics/loss"] == validation_losses(one_process / "none")[12]
 
@@ -380,6 +484,9 @@ def debug_config_with(tmp_path, dblocks: str):
     ("steps_per_block = 2.5", "dblocks.steps_per_block = 2.5: must be an int >= 1"),
     ("steps_per_block_from = -1",
      "dblocks.steps_per_block_from = -1: must be an int >= 0 (0: runs of K from the first step)"),
+    ("block_step = 'host'", "dblocks.block_step = 'host': must be 'device' with dblocks.offload = 'none': the "
+     "optimizer step moves to the host with the blocks' parameters (offload = 'block')"),
+    ("block_step = 'gpu'\noffload = 'block'", "dblocks.block_step = 'gpu': must be one of 'device', 'host'"),
     ("offload_optimizer = true\noffload = 'block'",
      "dblocks.offload_optimizer = True: must be false (deprecated) with dblocks.offload = 'block'"),
 ])
@@ -421,3 +528,18 @@ def test_train_stops_before_building_anything(tmp_path):
     assert proc.returncode == 1 and "Building" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"dblocks_titan: error: {config}: dblocks.offload = 'block': must be 'none' with dblocks.parallel = 'blocks'")
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--optimizer.implementation", "fused_opt_states_bf16"],
+     "--optimizer.implementation fused_opt_states_bf16: must be 'fused', 'foreach' or 'for-loop' with "
+     "dblocks.block_step = 'host'"),
+    (["--optimizer.name", "DistMuon"], "--optimizer.name DistMuon: must be 'Adam' or 'AdamW' with dblocks.block_step = 'host'"),
+])
+def test_the_host_step_refuses_an_optimizer_it_cannot_run_on_the_host(tmp_path, flags, error):
+    from dblocks_titan.toml_config import InputError, TomlConfigManager
+
+    path = debug_config_with(tmp_path, "offload = 'block'\nblock_step = 'host'")
+    with pytest.raises(InputError) as e:
+        TomlConfigManager().parse_args(["--job.config_file", str(path), *flags])
+    assert str(e.value) == error
