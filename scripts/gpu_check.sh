@@ -4,7 +4,8 @@
 # each step under `timeout` and inside one overall budget, its output kept in results/gpu_check/ whatever
 # a later step does:
 #   pytest -m gpu tests/test_gpu.py; a 200-step training run of the owt_dblocks 125M shape on the embedded
-#   corpus; bench_throughput.py and bench_memory.py for 125M at seq 1024 (bf16, compile off and on); the
+#   corpus; the same shape 30 steps with dblocks.offload none / block / block with block_step host (step time
+#   and device memory of the offload modes); bench_throughput.py and bench_memory.py for 125M at seq 1024 (bf16, compile off and on); the
 #   1B throughput if time is left.
 # It ends by writing results/gpu_<card>.md, .json and _artifacts.tar.gz (every log and benchmark file).
 #
@@ -74,6 +75,9 @@ $TOOLS owt-config "$OWT"
 TRAIN_ARGS=(--training.steps 200 --training.local_batch_size 32 --training.global_batch_size 32
             --lr_scheduler.warmup_steps 20 --validator.no-enable --checkpoint.no-enable --metrics.log_freq 10
             --metrics.no-enable-tensorboard --dump_folder "$WORK/train_125M")
+OFFLOAD_ARGS=(--training.steps 30 --training.local_batch_size 8 --training.global_batch_size 8
+              --lr_scheduler.warmup_steps 5 --validator.no-enable --checkpoint.no-enable --metrics.log_freq 1
+              --metrics.no-enable-tensorboard)
 BENCH=(--flavor 125M --seq 1024 --batch 8)
 
 step install 120 "wheels" \
@@ -81,9 +85,20 @@ step install 120 "wheels" \
 step env 60 "env $WORK/env.json" \
     $TOOLS env "$WORK/env.json"
 step pytest_gpu 270 "import tests/test_gpu.py" \
-    $PY -m pytest -v -rA -m gpu tests/test_gpu.py --junitxml="$WORK/pytest_gpu.xml"
+    $PY -m pytest -v -rA -m gpu tests/test_gpu.py tests/test_offload.py --continue-on-collection-errors \
+        --junitxml="$WORK/pytest_gpu.xml"
 step train_125M 150 "config $OWT ${TRAIN_ARGS[*]}" \
     $PY -m dblocks_titan.train --job.config_file "$OWT" "${TRAIN_ARGS[@]}"
+for variant in none block host; do  # offload_<variant>: the step time and memory of each offload mode
+    case $variant in
+        none) flags=(--dblocks.offload none) ;;
+        block) flags=(--dblocks.offload block) ;;
+        host) flags=(--dblocks.offload block --dblocks.block_step host) ;;
+    esac
+    step "offload_$variant" 75 "config $OWT ${OFFLOAD_ARGS[*]} ${flags[*]}" \
+        $PY -m dblocks_titan.train --job.config_file "$OWT" "${OFFLOAD_ARGS[@]}" "${flags[@]}" \
+            --dump_folder "$WORK/offload_$variant"
+done
 step throughput_125M 90 "import scripts/bench_throughput.py" \
     $PY scripts/bench_throughput.py "${BENCH[@]}" --variants B=4 --mdlm-flavor owt --mdlm-layers 12 --warmup 4 \
         --steps 12 --profile-steps 4 --amp bf16 --out "$WORK/throughput_125M.md" --png "$WORK/throughput_125M.png"

@@ -339,6 +339,25 @@ def ratios(rows: list[dict] | None, key: str, pairs=(("DB AR, B=4", "e2e llama3"
     return out
 
 
+def offload_section(runs: dict[str, dict | None]) -> list[str]:
+    """The offload runs side by side: median step time, tokens/s and max active device memory, each against
+    offload = none (issue 12's GPU target: the step-time overhead of offload = block at K = 1 <= 10%)."""
+    base = runs.get("offload_none") or {}
+    rows = []
+    for name, r in runs.items():
+        if not r:
+            continue
+        t, m = r["step_time_s_median"], r["max_active_gib"]
+        rows.append({"run": name, "step_s_median": t, "tokens_s_median": r["tokens_per_s_median"],
+                     "max_active_gib": m,
+                     "step_time / none": round(t / base["step_time_s_median"], 3) if t and base.get("step_time_s_median") else None,
+                     "memory / none": round(m / base["max_active_gib"], 3) if m and base.get("max_active_gib") else None})
+    if not rows:
+        return []
+    return ["## Offload modes (owt_dblocks 125M shape, 30 steps, local batch 8; medians after the first logged step)",
+            "", *md_table(rows), ""]
+
+
 def log_tail(path: Path, lines: int = 25) -> str:
     if not path.is_file():
         return "(no log)"
@@ -352,6 +371,7 @@ def cmd_report(args: list[str]) -> int:
     numbers = {
         "pytest_gpu": pytest_numbers(work / "pytest_gpu.xml"),
         "train_125M": train_numbers(work / "train_125M"),
+        **{s["name"]: train_numbers(work / s["name"]) for s in steps if s["name"].startswith("offload_")},
         **{s["name"]: throughput_numbers(work / f"{s['name']}.json") for s in steps if s["name"].startswith("throughput")},
         **{s["name"]: memory_numbers(work / f"{s['name']}.json") for s in steps if s["name"].startswith("memory")},
     }
@@ -371,6 +391,7 @@ def cmd_report(args: list[str]) -> int:
     if pt:
         md += ["## pytest -m gpu", "", ", ".join(f"{v} {k}" for k, v in pt["counts"].items()), "",
                *md_table(pt["tests"]), ""]
+    md += offload_section({name: v for name, v in numbers.items() if name.startswith("offload_")})
     tr = numbers["train_125M"]
     if tr:
         md += ["## 200-step training run (owt_dblocks 125M shape, embedded corpus)", "",

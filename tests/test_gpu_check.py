@@ -17,7 +17,7 @@ import gpu_check_tools as tools  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-STEPS = ["install", "env", "pytest_gpu", "train_125M", "throughput_125M", "throughput_125M_compile", "memory_125M",
+STEPS = ["install", "env", "pytest_gpu", "train_125M", "offload_none", "offload_block", "offload_host", "throughput_125M", "throughput_125M_compile", "memory_125M",
          "memory_125M_compile", "throughput_1B"]
 
 
@@ -32,6 +32,10 @@ def test_dry_run_prints_every_step_and_probes_its_entry_point(tmp_path):
     assert "pip install" in commands["install"] and "--target /tmp/site .whl/*.whl" in commands["install"]
     assert "-m pytest" in commands["pytest_gpu"] and "-m gpu tests/test_gpu.py" in commands["pytest_gpu"]
     assert "-m dblocks_titan.train" in commands["train_125M"] and "--training.steps 200" in commands["train_125M"]
+    for name, flags in (("offload_none", "--dblocks.offload none"), ("offload_block", "--dblocks.offload block"),
+                        ("offload_host", "--dblocks.offload block --dblocks.block_step host")):
+        assert "--training.steps 30" in commands[name] and commands[name].rstrip().endswith(
+            f"{flags} --dump_folder {work}/{name}"), commands[name]
     for name in ("throughput_125M", "throughput_125M_compile", "memory_125M", "memory_125M_compile"):
         assert "--flavor 125M --seq 1024" in commands[name] and "--amp bf16" in commands[name]
         assert ("--compile" in commands[name]) == name.endswith("_compile")
@@ -73,3 +77,20 @@ def test_wheel_folder_check(tmp_path):
     assert sorted(tools.check_wheel_dir(tmp_path, pins)) == [
         "missing: typing_extensions==4.16.0", "more than one version of torchtitan: ['0.2.2', '0.3.0']",
         "not pinned: tyro ['1.0.17']"]
+
+
+def test_the_offload_runs_are_reported_against_offload_none(tmp_path):
+    """The report's offload table: each run's median step time (after the first logged step) and max active
+    memory, and their ratios to offload = none."""
+    import json
+
+    for name, times, memory in (("offload_none", [9.0, 1.0, 1.0, 1.2], 10.0), ("offload_host", [9.0, 1.1, 1.1, 1.3], 6.0)):
+        (tmp_path / name).mkdir()
+        lines = [{"kind": "run", "step": 1}] + [
+            {"kind": "train", "step": i + 1, "time_metrics/end_to_end(s)": t, "throughput(tps)": 8192 / t,
+             "memory/max_active(GiB)": memory, "loss_metrics/global_avg_loss": 5.0} for i, t in enumerate(times)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    runs = {name: tools.train_numbers(tmp_path / name) for name in ("offload_none", "offload_host")}
+    table = "\n".join(tools.offload_section(runs))
+    assert "| offload_none | 1.0 | 8192.0 | 10.0 | 1.0 | 1.0 |" in table
+    assert "| offload_host | 1.1 | " in table and "| 6.0 | 1.1 | 0.6 |" in table
