@@ -62,8 +62,8 @@ How :class:`BlockOffload` does it:
    block is brought in alone, its layers' ``state_dict`` (titan's hooks included, e.g. the fused-QKV
    split) copied to the host, and freed; on load each offloaded block is brought in alone, loaded,
    written back. :meth:`checkpoint_io` wraps a save or load: in-flight copies finish first, and after
-   an asynchronous save the next eviction (which overwrites host copies DCP may still be staging from,
-   or frees storage it reads) waits for titan's staging (``checkpointer.maybe_wait_for_staging``).
+   an asynchronous save the next eviction or host step (which overwrite host copies DCP may still be
+   staging from, or free storage it reads) waits for titan's staging (``checkpointer.maybe_wait_for_staging``).
 5. ``block_step = "host"``: the optimizer's step pre-hook copies the block's gradient shards to the host
    (the side stream, after the backward and titan's clip) and takes them from the device optimizer, which
    then steps only the shared modules; its step post-hook waits for the copies and runs an optimizer of the
@@ -375,6 +375,7 @@ class BlockOffload(Configurable):
         pending = self._host_grads.pop(id(optimizer), None)
         if not pending:
             return
+        self._wait_for_staging()  # an async checkpoint may still be staging from the host copies this step writes
         self.synchronize()  # the gradients are on the host
         group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         groups: dict[int, dict] = {}

@@ -203,6 +203,28 @@ def test_eviction_after_a_checkpoint_waits_for_its_async_staging():
     assert len(seen) == 1
 
 
+def test_the_host_step_waits_for_an_async_checkpoint_staging_before_it_writes_the_host_copies():
+    """After a save, the host step (which updates the host copies in place, where DCP may still be staging
+    the AdamW state from) first waits for titan's staging."""
+    _, store, _ = toy_training("cpu", "block", [0], step="host")
+    model, optimizer = store.model, store.optimizers[0]
+    weight = model.layers["2"].weight  # block 1's
+    before = store._host_local(weight).clone()
+    seen = []
+
+    class Checkpointer:
+        def maybe_wait_for_staging(self):
+            seen.append(torch.equal(store._host_local(weight), before))
+
+    with store.checkpoint_io(Checkpointer()):
+        pass
+    with store.step(1, None):
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.ones(2, 8), block=1).square().mean().backward()
+        optimizer.step()
+    assert seen == [True] and not torch.equal(store._host_local(weight), before)
+
+
 # -- real training runs ------------------------------------------------------------------------
 
 
