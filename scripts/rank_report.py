@@ -50,8 +50,10 @@ def resident(p: torch.Tensor) -> bool:
 def measure_memory(trainer, step_fn) -> dict:
     """One step under the byte counters: the activation bytes autograd saves (peak, by module tag;
     ``bench_common.SavedTensorAccountant``, FSDP2's unsharded parameters excluded), the peak of FSDP2's
-    unsharded parameters and gradients (sampled at every save and unpack), and after the step the local
-    gradient bytes (kept until the next step's zero_grad) and the offload store's bytes moved in the step
+    unsharded parameters and gradients (sampled at every save and unpack), the local gradient bytes at
+    their largest, as the optimizer step starts or after it (kept until the next step's zero_grad;
+    ``block_step = "host"`` takes the block's gradients off the device in the step), and the offload
+    store's bytes moved in the step
     (saved tensors outside every module, the loss's, are tagged ``(loss)``)."""
     import bench_common as bc  # scripts/ is this script's sys.path[0]
 
@@ -63,15 +65,24 @@ def measure_memory(trainer, step_fn) -> dict:
 
     store = getattr(trainer, "offload", None)
     moved = dict(store.moved) if store is not None else {}
+    grads = [0]
+
+    def grad_bytes(*_):
+        grads[0] = max(grads[0], sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None))
+
+    # the container's pre-hook runs before its optimizers' own (the offload store's host step among them)
+    hook = trainer.optimizers.register_step_pre_hook(grad_bytes)
     acct = bc.SavedTensorAccountant(exclude=[local_tensor(p) for p in model.parameters()] + list(model.buffers()),
                                     exclude_if=bc.is_parameter_view, on_use=sample).track_modules(model)
     with bc.count_selective_ac(), acct:
         step_fn()
     acct.remove_module_hooks()
+    hook.remove()
+    grad_bytes()
     return {"block": getattr(trainer, "block", None), "act_peak": acct.peak_bytes,
             "act_by_tag": {"(loss)" if k is None else k: v for k, v in acct.peak_by_tag.items()},
             "unsharded_peak": unsharded[0],
-            "grad_bytes": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+            "grad_bytes": grads[0],
             "moved": {k: store.moved[k] - v for k, v in moved.items()}}
 
 
