@@ -149,6 +149,11 @@ def check_host_step(device: str):
         assert report["moved"] == {"h2d": (i + 2) * block, "d2h": (9 + i + 1) * block}  # every step, 2 -> 2 too
         assert report["host"] == {"params": 3 * block, "optimizer": 6 * block, "grads": block}
     assert last["resident"] == {"params": [], "optimizer": []} and last["moved"]["h2d"] == len(blocks) * block
+    early, _, early_reports = toy_training(device, "block", blocks, prefetch="step_start", step="host")
+    for b in range(3):  # the next block's parameters at the step's start: the same weights, two blocks in a switch
+        assert same(early(x, block=b), reference(x, block=b))
+    assert [r["peak_blocks"]["params"] for r in early_reports[1:]] == [2 * block, block, 2 * block, 2 * block,
+                                                                       2 * block, block]
 
 
 def test_host_step_trains_like_the_resident_model_and_moves_a_gradient_out_and_parameters_in():
