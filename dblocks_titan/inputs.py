@@ -255,6 +255,11 @@ def passes(test: Callable[[Any], bool], value: Any) -> bool:
         return False
 
 
+def optimizer_name_key(i: int) -> str:
+    """The key users write for param group ``i``'s optimizer name (group 0: ``optimizer.name``)."""
+    return "optimizer.name" if i == 0 else f"optimizer.param_groups.{i}.optimizer_name"
+
+
 def check_types_and_ranges(config: Any, sources: Sources) -> None:
     for key, value, hint in leaves(config):
         rule = RULES.get(key)
@@ -264,9 +269,8 @@ def check_types_and_ranges(config: Any, sources: Sources) -> None:
             raise sources.fail(key, value, rule[1])
     for i, group in enumerate(config.optimizer.param_groups):
         prefix = "optimizer." if i == 0 else f"optimizer.param_groups.{i}.optimizer_kwargs."
-        name_key = "optimizer.name" if i == 0 else f"optimizer.param_groups.{i}.optimizer_name"
         if group.optimizer_name not in OPTIMIZERS:
-            raise sources.fail(name_key, group.optimizer_name, "one of " + ", ".join(map(repr, OPTIMIZERS)))
+            raise sources.fail(optimizer_name_key(i), group.optimizer_name, "one of " + ", ".join(map(repr, OPTIMIZERS)))
         for name, (test, allowed) in OPTIMIZER_RULES.items():
             if name in group.optimizer_kwargs and not passes(test, group.optimizer_kwargs[name]):
                 raise sources.fail(prefix + name, group.optimizer_kwargs[name], allowed)
@@ -327,8 +331,8 @@ def check_dblocks(config: Any, sources: Sources) -> None:
                                "optimizer step moves to the host with the blocks' parameters (offload = 'block')")
         for i, group in enumerate(config.optimizer.param_groups):
             if group.optimizer_name not in ("Adam", "AdamW"):
-                name_key = "optimizer.name" if i == 0 else f"optimizer.param_groups.{i}.optimizer_name"
-                raise sources.fail(name_key, group.optimizer_name, "'Adam' or 'AdamW' with dblocks.block_step = 'host'")
+                raise sources.fail(optimizer_name_key(i), group.optimizer_name,
+                                   "'Adam' or 'AdamW' with dblocks.block_step = 'host'")
         if config.optimizer.implementation == "fused_opt_states_bf16":
             raise sources.fail("optimizer.implementation", "fused_opt_states_bf16",
                                "'fused', 'foreach' or 'for-loop' with dblocks.block_step = 'host'")

@@ -190,6 +190,7 @@ class BlockOffload(Configurable):
         self._block_params: dict[int, list[torch.Tensor]] = {}
         self._grads_host: dict[tuple, torch.Tensor] = {}  # host step: gradient buffers, shared by the blocks
         self._host_grads: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # optimizer -> (param, host grad)
+        self._group_of: dict[int, tuple[Any, int]] = {}  # host step: param -> (its optimizer, its param group)
         if not self.kinds:  # (a block-parallel rank does not even hold every block)
             return
         for block in range(num_blocks):
@@ -208,6 +209,8 @@ class BlockOffload(Configurable):
             self._default_block = inspect.signature(model.forward).parameters["block"].default
             model.register_forward_pre_hook(self._bring_in_for_forward, with_kwargs=True, prepend=True)
         for optimizer in optimizers if self.host_step else ():
+            self._group_of.update({id(p): (optimizer, i) for i, group in enumerate(optimizer.param_groups)
+                                   for p in group["params"]})
             optimizer.register_step_pre_hook(self._grads_to_host)
             optimizer.register_step_post_hook(self._step_on_host)
         for optimizer in optimizers if "optimizer" in self.training_kinds else ():
@@ -343,11 +346,10 @@ class BlockOffload(Configurable):
         then steps the shared modules only."""
         if self._training is None:
             return
-        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
         pending = []
         with torch.no_grad(), self._side_stream():
             for i, p in enumerate(self._block_params[self._training]):
-                if p.grad is None or id(p) not in mine:
+                if p.grad is None or self._group_of[id(p)][0] is not optimizer:
                     continue
                 grad = local_tensor(p.grad)
                 host = self._grad_buffer(i, grad)
@@ -377,14 +379,15 @@ class BlockOffload(Configurable):
             return
         self._wait_for_staging()  # an async checkpoint may still be staging from the host copies this step writes
         self.synchronize()  # the gradients are on the host
-        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         groups: dict[int, dict] = {}
         state, steps = {}, []
         for p, grad in pending:
-            i = group_of[id(p)]
-            hyper = {k: v.cpu() if isinstance(v, torch.Tensor) else v
-                     for k, v in optimizer.param_groups[i].items() if k != "params"}
-            group = groups.setdefault(i, {"params": [], **hyper})
+            i = self._group_of[id(p)][1]
+            if i not in groups:
+                groups[i] = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                             for k, v in optimizer.param_groups[i].items() if k != "params"}
+                groups[i]["params"] = []
+            group = groups[i]
             view = self._host_local(p)
             view.grad = grad
             group["params"].append(view)
